@@ -1,0 +1,22 @@
+"""Packaging. Imports no torch and compiles nothing: the C++/CUDA sources ship as package data and
+are compiled at first use (skd_kernels/_extension.py). torch is a plain requirement, so an installed
+torch >= 2.11 satisfies it and pip fetches nothing."""
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="skd-kernels",
+    version="0.1.0",
+    description="Fused losses of Structured Knowledge Distillation for semantic segmentation (C++, CUDA, Triton)",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["skd_kernels", "skd_kernels.ops", "skd_kernels.triton", "skd_kernels.csrc"],
+    package_dir={"skd_kernels.csrc": "csrc"},
+    package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu"]},
+    install_requires=["torch>=2.11", "ninja"],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+)

@@ -1,0 +1,19 @@
+"""skd-kernels: fused losses of Structured Knowledge Distillation for semantic segmentation.
+
+Importing compiles nothing: C++/CUDA kernels build at first use, Triton is imported when used.
+"""
+from . import reference
+from .backends import BACKENDS, available_backends
+from .modules import CriterionPixelWise, PixelWiseDistillLoss
+from .ops.pixelwise import pixelwise_distill_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "CriterionPixelWise",
+    "PixelWiseDistillLoss",
+    "available_backends",
+    "pixelwise_distill_loss",
+    "reference",
+]

@@ -1,0 +1,64 @@
+"""Input checks shared by every op. Each op calls these once, before dispatch, so every backend
+sees validated input and every error names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float_tensor(name: str, tensor, ndim: int, layout: str) -> None:
+    """`tensor` must be a floating-point tensor of rank `ndim` (described as `layout`, e.g. "(B, K, H, W)")."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-d {layout}, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+
+
+def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Same device and dtype."""
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; move them to one device")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}; cast them to one dtype")
+
+
+def check_labels(labels, like: torch.Tensor, spatial: tuple) -> None:
+    """Integer label map (B, H, W) matching the logits `like` of shape (B, K, H, W)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor (B, H, W) or None, got {type(labels).__name__}")
+    expected = (like.shape[0], *spatial)
+    if labels.dim() != 3 or tuple(labels.shape) != expected:
+        raise ValueError(f"labels must have shape (B, H, W) = {expected}, got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != like.device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {like.device}")
+
+
+def check_positive(name: str, value) -> float:
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def finite_checks_enabled() -> bool:
+    """NaN/inf checks cost a host sync, so they are opt-in: SKD_CHECK_FINITE=1."""
+    return os.environ.get("SKD_CHECK_FINITE", "0") not in ("", "0")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if finite_checks_enabled() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or inf (SKD_CHECK_FINITE=1 is set)")

@@ -1,0 +1,1 @@
+"""Op registration (torch.library) and autograd, one module per op."""

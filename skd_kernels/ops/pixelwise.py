@@ -1,0 +1,193 @@
+"""Pixel-wise distillation: input checks, backend dispatch, torch.library op and its autograd.
+
+The op `skd::pixelwise_distill` runs one fused kernel that reads S and T once and returns the loss
+together with the gradients of the loss with respect to S (and T when it requires grad), already
+multiplied by the form's constant. Autograd saves those buffers; the backward only scales them by
+the incoming gradient, in place, so the whole forward+backward adds one logits-sized tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validation as check
+from .._extension import load_extension
+from ..backends import resolve_backend
+from ..reference import PIXELWISE_FORMS, pixelwise_distill_reference
+
+_KL_FORMS = ("kl", "cvpr")  # forms whose per-pixel loss is a KL divergence; `official` is soft CE
+
+
+def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student):
+    check.check_float_tensor("student", student, 4, "(B, K, H, W)")
+    check.check_float_tensor("teacher", teacher, 4, "(B, K, H, W)")
+    check.check_same("student", student, "teacher", teacher)
+    check.check_choice("form", form, PIXELWISE_FORMS)
+    tau = check.check_positive("tau", tau)
+    if form == "official" and (tau != 1.0 or tau_squared or labels is not None):
+        raise ValueError("form='official' is the official CriterionPixelWise: it takes no tau, tau_squared "
+                         "or labels; use form='kl' for a temperature or an ignore mask")
+    if student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(f"student and teacher must agree in (B, K); got {tuple(student.shape[:2])} "
+                         f"and {tuple(teacher.shape[:2])}")
+    if min(teacher.shape) == 0:
+        raise ValueError(f"teacher must be non-empty, got shape {tuple(teacher.shape)}")
+    if student.shape[2:] != teacher.shape[2:]:
+        if not resize_student:
+            raise ValueError(f"student logits are {tuple(student.shape[2:])} but the teacher's are "
+                             f"{tuple(teacher.shape[2:])}; pass resize_student=True to resize the student "
+                             "bilinearly to the teacher's size")
+        student = F.interpolate(student, size=teacher.shape[2:], mode="bilinear", align_corners=True)
+    if labels is not None:
+        check.check_labels(labels, student, tuple(teacher.shape[2:]))
+        labels = labels.long()
+    check.check_finite("student", student)
+    check.check_finite("teacher", teacher)
+    return student, labels, tau
+
+
+def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                           *, form: str = "official", tau: float = 1.0, tau_squared: bool = False,
+                           ignore_index: int = 255, resize_student: bool = False,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    """Pixel-wise distillation loss of Structured Knowledge Distillation.
+
+    Args:
+        student, teacher: logits (B, K, H, W), float32/float16/bfloat16/float64, same dtype and device,
+            any strides (NCHW is read in place).
+        labels: optional (B, H, W) integer map; pixels equal to `ignore_index` are left out (`kl`, `cvpr`).
+        form: ``"official"`` (the official CriterionPixelWise: soft cross-entropy summed over the batch,
+            divided by H*W), ``"kl"`` (mean over pixels of KL(q_t || q_s), q = softmax(logits / tau)),
+            or ``"cvpr"`` (the CVPR-era KLDivLoss: the KL sum averaged over B*K*H*W elements).
+        tau: temperature > 0 (`kl` and `cvpr`). tau_squared: multiply by tau**2.
+        resize_student: resize the student's logits bilinearly to the teacher's size when they differ
+            (otherwise that is an error, as in the official code).
+        backend: ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"auto"``; default: SKD_BACKEND or auto.
+
+    Returns:
+        The loss, a 0-d float32 tensor (float64 for float64 logits). With every pixel ignored it is 0.
+    """
+    student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student)
+    name = resolve_backend(student.device.type, backend)
+    if name == "torch":
+        return pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
+                                           tau_squared=tau_squared, ignore_index=ignore_index)
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _ = pixelwise_distill(student, teacher, labels, int(ignore_index), tau, form, bool(tau_squared),
+                                   grad_enabled and student.requires_grad,
+                                   grad_enabled and teacher.requires_grad, name)
+    return loss
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _form_scale(student, labels, ignore_index, tau, form, tau_squared) -> torch.Tensor:
+    """The form's constant as a 0-d float64 tensor on the logits' device (no host sync)."""
+    b, k, h, w = student.shape
+    if form == "official":
+        return torch.full((), 1.0 / (h * w), dtype=torch.float64, device=student.device)
+    constant = (tau * tau if tau_squared else 1.0) / (k if form == "cvpr" else 1)
+    if labels is None:
+        return torch.full((), constant / (b * h * w), dtype=torch.float64, device=student.device)
+    valid = (labels != ignore_index).sum()
+    return constant / valid.clamp(min=1).to(torch.float64)
+
+
+def _launch(backend: str, *args) -> None:
+    if backend == "triton":
+        from ..triton.pixelwise import pixelwise_forward
+
+        return pixelwise_forward(*args)
+    module = load_extension(backend)
+    if module is None:
+        raise RuntimeError(f"skd::pixelwise_distill: the {backend} backend could not be built (see the warning)")
+    student, teacher, labels, ignore_index, inv_tau, kl, scale, pixel_loss, gs, gt = args
+    module.pixelwise_forward(student, teacher, labels, ignore_index, inv_tau, int(kl), scale, pixel_loss, gs, gt)
+
+
+def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student,
+                   grad_teacher, backend):
+    b, _, h, w = student.shape
+    scale = _form_scale(student, labels, ignore_index, tau, form, tau_squared)
+    pixel_loss = torch.empty((b, h, w), dtype=torch.float64, device=student.device)
+    gs = torch.empty_like(student) if grad_student else None
+    gt = torch.empty_like(teacher) if grad_teacher else None
+    _launch(backend, student, teacher, labels, ignore_index, 1.0 / tau, form in _KL_FORMS, scale,
+            pixel_loss, gs, gt)
+    loss = (pixel_loss.sum() * scale).to(_loss_dtype(student))
+    empty = student.new_empty(0)
+    return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
+
+
+@torch.library.custom_op("skd::pixelwise_distill", mutates_args=())
+def pixelwise_distill(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                      ignore_index: int, tau: float, form: str, tau_squared: bool, grad_student: bool,
+                      grad_teacher: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused op on validated input: (loss, d loss/d student or empty, d loss/d teacher or empty)."""
+    raise NotImplementedError(f"skd::pixelwise_distill has no kernel for {student.device.type} tensors; "
+                              "use backend='torch'")
+
+
+def _device_kernel(device_type: str, backends: tuple):
+    def kernel(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student, grad_teacher,
+               backend):
+        if backend not in backends:
+            raise ValueError(f"skd::pixelwise_distill: backend {backend!r} cannot run on {device_type} tensors")
+        return _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student,
+                              grad_teacher, backend)
+
+    return kernel
+
+
+pixelwise_distill.register_kernel("cpu")(_device_kernel("cpu", ("cpu", "triton")))  # triton: interpreter
+pixelwise_distill.register_kernel("cuda")(_device_kernel("cuda", ("cuda", "triton")))
+
+
+@pixelwise_distill.register_fake
+def _(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student, grad_teacher, backend):
+    empty = student.new_empty(0)
+    return (student.new_empty((), dtype=_loss_dtype(student)),
+            torch.empty_like(student) if grad_student else empty,
+            torch.empty_like(teacher) if grad_teacher else empty.clone())
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student, grad_teacher, backend = inputs
+    _, gs, gt = output
+    ctx.mark_non_differentiable(gs, gt)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(student, teacher, labels)
+    ctx.options = (ignore_index, tau, form, tau_squared, backend)
+    # The fused gradients, consumed by the first backward.
+    ctx.fused = (gs if grad_student else None, gt if grad_teacher else None)
+
+
+def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
+    nothing = (None,) * 8
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_loss is None or not (need_s or need_t):
+        return (None, None, *nothing)
+    student, teacher, labels = ctx.saved_tensors
+    ignore_index, tau, form, tau_squared, backend = ctx.options
+    if torch.is_grad_enabled():
+        # create_graph=True: the fused gradient is a constant to autograd, so differentiate the
+        # reference instead; second derivatives are then exact (at the reference's memory cost).
+        loss = pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
+                                           tau_squared=tau_squared, ignore_index=ignore_index)
+        wanted = [x for x, need in ((student, need_s), (teacher, need_t)) if need]
+        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
+        return (next(grads) if need_s else None, next(grads) if need_t else None, *nothing)
+    gs, gt = ctx.fused
+    ctx.fused = (None, None)
+    if (need_s and gs is None) or (need_t and gt is None):  # a second backward (retain_graph=True)
+        _, gs, gt = pixelwise_distill(student, teacher, labels, ignore_index, tau, form, tau_squared,
+                                      need_s, need_t, backend)
+    # These buffers belong to this graph alone, so scaling them in place is safe and saves a copy.
+    return (gs.mul_(grad_loss) if need_s else None, gt.mul_(grad_loss) if need_t else None, *nothing)
+
+
+pixelwise_distill.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,60 @@
+"""The losses written plainly, as the paper and the official repository state them.
+
+This module is the specification that every fused backend is tested against, and the `torch`
+backend. It materialises whatever the formulas materialise; nothing fast lives here. Half-precision
+inputs are computed in float32, so the loss is float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PIXELWISE_FORMS = ("official", "kl", "cvpr")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def pixelwise_official(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The official CriterionPixelWise (master): soft-target cross-entropy over classes, summed over
+    pixels and the batch, divided by H*W. Logits (B, K, H, W), flattened to (B*H*W, K) as it does."""
+    b, k, h, w = student.shape
+    dtype = _compute_dtype(student)
+    flat_s = student.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, k)
+    flat_t = teacher.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, k)
+    return torch.sum(-F.softmax(flat_t, dim=1) * F.log_softmax(flat_s, dim=1)) / (h * w)
+
+
+def pixelwise_kl_map(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(q_t || q_s) per pixel, q = softmax(logits / tau) over classes: (B, K, H, W) -> (B, H, W)."""
+    dtype = _compute_dtype(student)
+    log_q_s = F.log_softmax(student.to(dtype) / tau, dim=1)
+    log_q_t = F.log_softmax(teacher.to(dtype) / tau, dim=1)
+    return torch.sum(log_q_t.exp() * (log_q_t - log_q_s), dim=1)
+
+
+def pixelwise_distill_reference(student, teacher, labels=None, *, form="official", tau=1.0,
+                                tau_squared=False, ignore_index=255):
+    """Pixel-wise distillation loss, every form:
+
+    - ``official``: :func:`pixelwise_official` (no temperature, no ignore mask);
+    - ``kl``: mean over the non-ignored pixels of KL(q_t || q_s), times tau**2 if ``tau_squared``;
+    - ``cvpr``: the CVPR-era ``nn.KLDivLoss()``, i.e. the same KL sum averaged over all
+      B*K*H*W elements (over K times the non-ignored pixels when labels are given).
+
+    With every pixel ignored, ``kl`` and ``cvpr`` return 0 (a sum over nothing), not NaN.
+    """
+    if form == "official":
+        return pixelwise_official(student, teacher)
+    kl = pixelwise_kl_map(student, teacher, tau)
+    if labels is not None:
+        valid = labels != ignore_index
+        kl = torch.where(valid, kl, torch.zeros_like(kl))
+        count = valid.sum()
+    else:
+        count = torch.tensor(kl.numel(), device=kl.device)
+    if form == "cvpr":
+        count = count * student.shape[1]
+    loss = kl.sum() / count.clamp(min=1).to(kl.dtype)
+    return loss * tau**2 if tau_squared else loss
