@@ -50,9 +50,13 @@ inline void store(Half* p, float v) {
 }
 
 // exp(x) for x <= 0 (all our arguments are logit - max). Plain arithmetic and an int cast, so
-// GCC vectorises loops calling it, unlike std::exp; relative error about 2 ulp. NaN stays NaN.
+// GCC vectorises loops calling it (with -fno-trapping-math), unlike std::exp; relative error about
+// 2 ulp.
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // 2^n underflows below this; a NaN fails the test and stays
+  // Below -87 the result underflows: return exactly 0 (a -inf logit must weigh nothing), computing
+  // on a clamped x meanwhile; a NaN fails both tests and stays NaN.
+  const float underflow = x < -87.0f ? 0.0f : 1.0f;
+  x = x < -87.0f ? -87.0f : x;
   const float y = x * 1.44269504088896341f;
   const int n = static_cast<int>(y - 0.5f);  // round to nearest for y <= 0
   const float nf = static_cast<float>(n);
@@ -64,7 +68,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * bits_to_float(uint32_t(n + 127) << 23);
+  return underflow * p * bits_to_float(uint32_t(n + 127) << 23);
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 

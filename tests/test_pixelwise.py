@@ -1,0 +1,312 @@
+"""Fused pixel-wise distillation: every backend against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import skd_kernels as sk
+from skd_kernels.reference import pixelwise_distill_reference, pixelwise_official
+
+from conftest import (CPU_BACKENDS_HERE, TOLERANCES, assert_grad_close, assert_loss_close, backend_device,
+                      run_python)
+
+BACKENDS = ["cpu", "torch", "triton", "cuda"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(1, 1, 5, 7), (1, 19, 7, 9), (2, 19, 5, 3), (2, 150, 3, 5)]
+FORMS = {  # name: keyword arguments
+    "official": dict(form="official"),
+    "kl": dict(form="kl"),
+    "kl_tau2.5_squared": dict(form="kl", tau=2.5, tau_squared=True),
+    "cvpr_tau3": dict(form="cvpr", tau=3.0),
+}
+
+
+def make_logits(shape, scale, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g) * scale
+    t = torch.randn(shape, generator=g) * scale
+    return s.to(dtype).to(device), t.to(dtype).to(device)
+
+
+def make_labels(shape, mode, device, seed=1):
+    if mode == "none":
+        return None
+    b, k, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, max(k, 2), (b, h, w), generator=g)
+    if mode == "some_ignored":
+        labels[torch.rand((b, h, w), generator=g) < 0.4] = 255
+        labels[0, 0, 0] = 255
+    elif mode == "all_ignored":
+        labels.fill_(255)
+    return labels.to(device)
+
+
+def fused_and_reference(student, teacher, labels, backend, options, wrt_teacher=True):
+    """(loss, grad S, grad T) from `backend` and from the fp64 reference on the same values."""
+    s = student.detach().clone().requires_grad_()
+    t = teacher.detach().clone().requires_grad_(wrt_teacher)
+    loss = sk.pixelwise_distill_loss(s, t, labels, backend=backend, **options)
+    loss.backward()
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_(wrt_teacher)
+    ref = pixelwise_distill_reference(s64, t64, labels, **options)
+    ref.backward()
+    return (loss, s.grad, t.grad), (ref, s64.grad, t64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["logits~1", "logits~1e4"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("label_mode", ["none", "some_ignored"])
+def test_loss_and_gradients_match_fp64_reference(backend, dtype, shape, scale, form, label_mode):
+    options = FORMS[form]
+    if form == "official" and label_mode != "none":
+        pytest.skip("the official form has no ignore mask (rejected: see test_official_form_rejects_...)")
+    device = backend_device(backend)
+    student, teacher = make_logits(shape, scale, dtype, device)
+    labels = make_labels(shape, label_mode, device)
+    (loss, gs, gt), (ref, ref_gs, ref_gt) = fused_and_reference(student, teacher, labels, backend, options)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype and loss.dim() == 0
+    tau = options.get("tau", 1.0)
+    assert_loss_close(loss, ref, dtype, logit_scale=scale / tau)
+    assert_grad_close(gs, ref_gs, dtype, "grad student")
+    teacher_atol = TOLERANCES[dtype]["loss_atol"] * scale / tau * float(ref_gs.abs().max())
+    assert_grad_close(gt, ref_gt, dtype, "grad teacher", atol=teacher_atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["kl", "cvpr"])
+def test_all_pixels_ignored_gives_zero_loss_and_gradient(backend, form):
+    device = backend_device(backend)
+    student, teacher = make_logits((2, 19, 5, 7), 3.0, torch.float32, device)
+    labels = make_labels(student.shape, "all_ignored", device)
+    (loss, gs, gt), _ = fused_and_reference(student, teacher, labels, backend, dict(form=form, tau=2.0))
+    assert float(loss.detach()) == 0.0
+    assert torch.count_nonzero(gs) == 0 and torch.count_nonzero(gt) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_gradcheck_fp64(backend, form):
+    device = backend_device(backend)
+    student, teacher = make_logits((1, 3, 2, 3), 1.5, torch.float64, device)
+    labels = make_labels(student.shape, "some_ignored", device) if form != "official" else None
+    options = FORMS[form]
+
+    def loss(s, t):
+        return sk.pixelwise_distill_loss(s, t, labels, backend=backend, **options)
+
+    assert torch.autograd.gradcheck(loss, (student.requires_grad_(), teacher.requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_double_backward_through_fused_op_matches_reference(backend):
+    device = backend_device(backend)
+    student, teacher = make_logits((1, 4, 2, 3), 1.0, torch.float64, device)
+
+    def loss(s, t):
+        return sk.pixelwise_distill_loss(s, t, form="kl", tau=2.0, backend=backend)
+
+    assert torch.autograd.gradgradcheck(loss, (student.requires_grad_(), teacher.requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["kl", "cvpr"])
+def test_student_equal_to_teacher_gives_zero_kl_and_zero_gradient(backend, form):
+    device = backend_device(backend)
+    student, _ = make_logits((2, 19, 6, 5), 8.0, torch.float32, device)
+    s = student.clone().requires_grad_()
+    loss = sk.pixelwise_distill_loss(s, student, form=form, backend=backend)
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-6
+    assert s.grad.abs().max() < 1e-8  # gradients are O(1e-2) here
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_close_to_teacher_matches_fp64(backend):
+    device = backend_device(backend)
+    teacher, noise = make_logits((2, 19, 6, 5), 5.0, torch.float32, device)
+    student = teacher + 1e-3 * noise / 5.0
+    (loss, gs, _), (ref, ref_gs, _) = fused_and_reference(student, teacher, None, backend, dict(form="kl"))
+    # The KL of nearly equal distributions (here ~2e-7) is computed in fp32 to an absolute error of
+    # about eps_fp32 per pixel (log-partition terms of size ~1 cancel), like PyTorch's fp32 formula;
+    # the gradient has no such cancellation and keeps full relative accuracy.
+    assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-7
+    # The gradient is a difference of nearly equal probabilities: absolute error ~ eps_fp32 times the
+    # form's constant 1/(B*H*W).
+    constant = 1.0 / (2 * 6 * 5)
+    assert (gs.double() - ref_gs).abs().max() <= 4 * 2.0**-23 * constant
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_minus_infinity_teacher_logit_acts_as_a_zero_probability_class(backend):
+    # A masked class (-inf teacher logit) must add 0 * log 0 = 0, not NaN. The plain reference
+    # computes 0 * -inf there, so compare with a logit of -1e4, whose probability is 0 in fp64 too.
+    device = backend_device(backend)
+    student, teacher = make_logits((1, 5, 2, 3), 1.0, torch.float32, device)
+    teacher[:, 2] = float("-inf")
+    s = student.clone().requires_grad_()
+    loss = sk.pixelwise_distill_loss(s, teacher, form="kl", backend=backend)
+    loss.backward()
+    finite_teacher = torch.where(torch.isinf(teacher), -1e4, teacher)
+    (_, _, _), (ref, ref_gs, _) = fused_and_reference(student, finite_teacher, None, backend, dict(form="kl"))
+    assert torch.isfinite(loss) and abs(float(loss.detach()) - float(ref.detach())) < 1e-6
+    assert_grad_close(s.grad, ref_gs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_and_strided_inputs_match_contiguous(backend):
+    device = backend_device(backend)
+    student, teacher = make_logits((2, 7, 5, 9), 2.0, torch.float32, device)
+    base = sk.pixelwise_distill_loss(student, teacher, form="kl", backend=backend)
+    channels_last = sk.pixelwise_distill_loss(student.to(memory_format=torch.channels_last),
+                                              teacher.to(memory_format=torch.channels_last),
+                                              form="kl", backend=backend)
+    wide_s, wide_t = make_logits((2, 7, 5, 18), 2.0, torch.float32, device)
+    wide_s[..., ::2], wide_t[..., ::2] = student, teacher
+    strided = sk.pixelwise_distill_loss(wide_s[..., ::2], wide_t[..., ::2], form="kl", backend=backend)
+    assert torch.allclose(base, channels_last, rtol=1e-6) and torch.allclose(base, strided, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_with_retain_graph_matches_first(backend):
+    device = backend_device(backend)
+    student, teacher = make_logits((2, 5, 3, 4), 2.0, torch.float32, device)
+    s = student.clone().requires_grad_()
+    loss = sk.pixelwise_distill_loss(s, teacher, form="kl", backend=backend)
+    (first,) = torch.autograd.grad(loss * 3.0, s, retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 3.0, s)
+    assert torch.allclose(first, second, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_leaves_inputs_unchanged(backend):
+    device = backend_device(backend)
+    student, teacher = make_logits((2, 5, 3, 4), 2.0, torch.float32, device)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    (10 * sk.pixelwise_distill_loss(s, t, form="kl", backend=backend)).backward()
+    assert torch.equal(s.detach(), student) and torch.equal(t.detach(), teacher)
+
+
+def test_no_gradient_buffers_without_requires_grad():
+    student, teacher = make_logits((2, 5, 3, 4), 2.0, torch.float32, "cpu")
+    with torch.no_grad():
+        loss = sk.pixelwise_distill_loss(student.requires_grad_(), teacher, backend="cpu")
+    assert loss.grad_fn is None and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_resize_student_matches_reference_on_upsampled_logits(backend):
+    student, teacher = make_logits((2, 19, 9, 9), 2.0, torch.float32, "cpu")
+    teacher = torch.nn.functional.interpolate(teacher, size=(17, 17), mode="bilinear", align_corners=True)
+    s = student.clone().requires_grad_()
+    loss = sk.pixelwise_distill_loss(s, teacher, resize_student=True, backend=backend)
+    loss.backward()
+    s64 = student.double().requires_grad_()
+    up = torch.nn.functional.interpolate(s64, size=(17, 17), mode="bilinear", align_corners=True)
+    ref = pixelwise_official(up, teacher.double())
+    ref.backward()
+    assert_loss_close(loss, ref, torch.float32)
+    assert_grad_close(s.grad, s64.grad, torch.float32)
+
+
+def test_official_form_equals_soft_cross_entropy_summed_over_batch():
+    student, teacher = make_logits((3, 19, 4, 6), 2.0, torch.float64, "cpu")
+    per_image = [-(teacher[i].softmax(0) * student[i].log_softmax(0)).sum() / (4 * 6) for i in range(3)]
+    assert torch.allclose(sk.pixelwise_distill_loss(student, teacher, backend="cpu"), sum(per_image))
+
+
+def test_module_takes_official_lists_and_uses_element_zero():
+    student, teacher = make_logits((2, 19, 5, 5), 2.0, torch.float32, "cpu")
+    decoy = torch.full_like(student, float("nan"))
+    official = sk.CriterionPixelWise(ignore_index=255, use_weight=True, reduce=True)
+    expected = pixelwise_official(student, teacher)
+    assert torch.allclose(official([student, decoy], [teacher, decoy]), expected, rtol=1e-6)
+    module = sk.PixelWiseDistillLoss(form="kl", tau=2.0, tau_squared=True)
+    labels = make_labels(student.shape, "some_ignored", "cpu")
+    ref = pixelwise_distill_reference(student, teacher, labels, form="kl", tau=2.0, tau_squared=True)
+    assert torch.allclose(module((student,), [teacher], labels), ref, rtol=1e-6)
+
+
+BAD_INPUTS = {
+    "student rank": (lambda s, t: dict(student=s[0], teacher=t), "student must be 4-d"),
+    "teacher classes": (lambda s, t: dict(student=s, teacher=t[:, :3]), "agree in (B, K)"),
+    "spatial size": (lambda s, t: dict(student=s[..., :4], teacher=t), "resize_student=True"),
+    "integer student": (lambda s, t: dict(student=s.long(), teacher=t), "student must be float32"),
+    "dtype mismatch": (lambda s, t: dict(student=s, teacher=t.double()), "cast them to one dtype"),
+    "devices": (lambda s, t: dict(student=s, teacher=t.to("meta")), "move them to one device"),
+    "tau zero": (lambda s, t: dict(student=s, teacher=t, form="kl", tau=0.0), "tau must be"),
+    "tau negative": (lambda s, t: dict(student=s, teacher=t, form="kl", tau=-1.0), "tau must be"),
+    "labels shape": (lambda s, t: dict(student=s, teacher=t, form="kl", labels=torch.zeros(2, 5, 4).long()),
+                     "labels must have shape"),
+    "labels float": (lambda s, t: dict(student=s, teacher=t, form="kl", labels=torch.zeros(2, 5, 5)),
+                     "labels must be an integer"),
+    "official with tau": (lambda s, t: dict(student=s, teacher=t, tau=2.0), "form='official'"),
+    "unknown form": (lambda s, t: dict(student=s, teacher=t, form="mse"), "form must be one of"),
+    "unknown backend": (lambda s, t: dict(student=s, teacher=t, backend="fast"), "is not a backend"),
+    "empty": (lambda s, t: dict(student=s[:0], teacher=t[:0]), "non-empty"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_raises_error_naming_the_argument(case):
+    student, teacher = make_logits((2, 4, 5, 5), 1.0, torch.float32, "cpu")
+    make_kwargs, message = BAD_INPUTS[case]
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        sk.pixelwise_distill_loss(**make_kwargs(student, teacher))
+
+
+def test_nan_input_is_rejected_when_finite_checks_are_on(monkeypatch):
+    student, teacher = make_logits((1, 4, 2, 2), 1.0, torch.float32, "cpu")
+    student[0, 1, 1, 1] = float("nan")
+    monkeypatch.setenv("SKD_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="student contains NaN"):
+        sk.pixelwise_distill_loss(student, teacher, backend="cpu")
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_traces_the_op(compiler):
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 19, 1)
+    x, teacher = torch.randn(2, 3, 6, 7), torch.randn(2, 19, 6, 7)
+
+    def step(x, teacher):
+        return sk.pixelwise_distill_loss(conv(x), teacher, form="kl", tau=2.0, backend="cpu")
+
+    eager = step(x, teacher)
+    eager.backward()
+    expected = conv.weight.grad.clone()
+    conv.weight.grad = None
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)(x, teacher)
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-6)
+    assert torch.allclose(conv.weight.grad, expected, rtol=1e-5, atol=1e-9)
+
+
+MEMORY_SCRIPT = """
+import torch, skd_kernels as sk
+from skd_kernels.memory import peak_memory_above_baseline
+s = torch.randn(2, 19, 128, 192, requires_grad=True); t = torch.randn(2, 19, 128, 192)
+def step(backend):
+    def run():
+        sk.pixelwise_distill_loss(s, t, backend=backend).backward(); s.grad = None
+    return run
+for backend in ("cpu", "torch"):
+    step(backend)()  # warm-up: build, caches
+    print(backend, peak_memory_above_baseline(step(backend)) / (s.numel() * 4))
+"""
+
+
+@pytest.mark.skipif(not CPU_BACKENDS_HERE, reason="needs Linux /proc for CPU peak memory")
+def test_fused_forward_backward_peak_memory_is_at_most_1_5_logits():
+    from skd_kernels.memory import CPU_MEASUREMENT_ENV
+
+    result = run_python(MEMORY_SCRIPT, env=CPU_MEASUREMENT_ENV)
+    assert result.returncode == 0, result.stderr
+    peaks = dict(line.split() for line in result.stdout.splitlines())
+    assert float(peaks["cpu"]) <= 1.5, peaks
+    assert float(peaks["torch"]) >= 3.0, peaks  # the measurement sees the reference's buffers
