@@ -58,7 +58,7 @@ def fused_and_reference(student, teacher, labels, backend, options, wrt_teacher=
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["logits~1", "logits~1e4"])
+@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["logits1", "logits1e4"])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("label_mode", ["none", "some_ignored"])
 def test_loss_and_gradients_match_fp64_reference(backend, dtype, shape, scale, form, label_mode):
