@@ -1,0 +1,64 @@
+"""Shared bench machinery: timing, peak memory, CSV rows, a printed table."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from skd_kernels.memory import CPU_MEASUREMENT_ENV, peak_memory_above_baseline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ensure_cpu_measurement_env() -> None:
+    """CPU peak memory needs glibc settings fixed at process start: re-exec once with them."""
+    if any(os.environ.get(k) != v for k, v in CPU_MEASUREMENT_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_MEASUREMENT_ENV})
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def time_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_mb(fn, device: torch.device) -> float:
+    fn()  # warm: builds, caches, allocator pools
+    return peak_memory_above_baseline(fn, device) / 2**20
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what skd-kernels needs, and nothing that drags CUDA packages in:
+#  - torch, only when none is installed (here `torch==2.13.0` resolves to a local CPU wheel; on a
+#    GPU machine keep the torch you have, >= 2.11);
+#  - Triton without dependencies, only when none is installed: on CPU it runs the Triton kernels in
+#    its interpreter for the tests (TRITON_INTERPRET=1);
+#  - this project, editable, with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q "torch==2.13.0"
+"$PYTHON" -c "import triton" 2>/dev/null || "$PYTHON" -m pip install -q --no-deps "triton==3.7.1"
+"$PYTHON" -m pip install -q -e ".[test]"
