@@ -18,5 +18,6 @@ setup(
     package_dir={"skd_kernels.csrc": "csrc"},
     package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu"]},
     install_requires=["torch>=2.11", "ninja"],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    # numpy: the Triton interpreter (CPU tests) needs it; torch does not pull it in.
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
 )

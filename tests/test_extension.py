@@ -1,7 +1,9 @@
 """The JIT extension: built at first use, once, by concurrent processes; a clear warning and the
 reference when it cannot be built; every CUDA source compiles with nvcc."""
+import os
 import shutil
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -24,9 +26,6 @@ print("ok")
 
 def test_two_processes_using_the_library_first_at_once_both_work(tmp_path):
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    import os
-    import sys
-
     processes = [subprocess.Popen([sys.executable, "-c", FIRST_USE], cwd=REPO, env={**os.environ, **env},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=900) for p in processes]

@@ -119,7 +119,7 @@ def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_square
     _launch(backend, student, teacher, labels, ignore_index, 1.0 / tau, form in _KL_FORMS, scale,
             pixel_loss, gs, gt)
     loss = (pixel_loss.sum() * scale).to(_loss_dtype(student))
-    empty = student.new_empty(0)
+    empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
 
 
