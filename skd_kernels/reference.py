@@ -58,3 +58,63 @@ def pixelwise_distill_reference(student, teacher, labels=None, *, form="official
         count = count * student.shape[1]
     loss = kl.sum() / count.clamp(min=1).to(kl.dtype)
     return loss * tau**2 if tau_squared else loss
+
+
+# --- pair-wise -----------------------------------------------------------------------------------
+
+PAIRWISE_POOLING = ("max", "avg", "none")
+PAIRWISE_NORMALIZATION = ("official", "paper")
+
+
+def pairwise_nodes(features: torch.Tensor, kernel: tuple, pooling: str) -> torch.Tensor:
+    """Pool (B, C, H, W) features into nodes with kernel = stride = `kernel`, ceil_mode=True and no
+    padding (partial windows at the border are nodes too): (B, C, H', W')."""
+    if pooling == "none" or tuple(kernel) == (1, 1):
+        return features
+    if pooling == "max":
+        return F.max_pool2d(features, kernel, stride=kernel, padding=0, ceil_mode=True)
+    return F.avg_pool2d(features, kernel, stride=kernel, padding=0, ceil_mode=True)
+
+
+def official_pairwise_kernel(teacher_features: torch.Tensor, scale: float) -> tuple:
+    """The official node size: (int(H * scale), int(W * scale)) of the teacher's map."""
+    h, w = teacher_features.shape[-2:]
+    return int(h * scale), int(w * scale)
+
+
+def node_similarity(nodes: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Cosine similarity of every pair of nodes, (B, C, H', W') -> (B, M, M), M = H'W', in float32
+    (float64 for float64 input).
+
+    ``official``: f / (||f|| + 1e-8) with the norm detached (the official code);
+    ``paper``: f / max(||f||, 1e-12) with the gradient through the norm (F.normalize, as CIRKD).
+    """
+    x = nodes.to(_compute_dtype(nodes)).flatten(2)  # (B, C, M)
+    if normalization == "official":
+        x = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt().detach() + 1e-8)
+    else:
+        x = F.normalize(x, p=2, dim=1)
+    return torch.bmm(x.transpose(1, 2), x)
+
+
+def pairwise_distill_reference(student, teacher, *, scale=None, node_size=None, pooling="max",
+                               normalization="official"):
+    """Pair-wise distillation loss, materialising the M x M similarity matrices:
+    sum over images and node pairs of (a_ij^s - a_ij^t)^2, divided by M^2 and by B.
+
+    Features (B, Cs, H, W) and (B, Ct, H, W), Cs != Ct allowed. Nodes: windows of
+    `official_pairwise_kernel(teacher, scale)` (the official module) or of `node_size`
+    (an int or a pair), or every position when both are None.
+    With scale=0.5, pooling="max", normalization="official" this is the official
+    CriterionPairWiseforWholeFeatAfterPool.
+    """
+    if scale is not None:
+        kernel = official_pairwise_kernel(teacher, scale)
+    elif node_size is not None:
+        kernel = (node_size, node_size) if isinstance(node_size, int) else tuple(node_size)
+    else:
+        kernel = (1, 1)
+    sim_s = node_similarity(pairwise_nodes(student, kernel, pooling), normalization)
+    sim_t = node_similarity(pairwise_nodes(teacher, kernel, pooling), normalization)
+    nodes = sim_s.shape[-1]
+    return ((sim_t - sim_s) ** 2).sum() / nodes**2 / student.shape[0]
