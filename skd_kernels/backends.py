@@ -43,7 +43,15 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [b for b in names if b != "triton" or triton_available()]
 
 
-@torch.compiler.assume_constant_result
+def _constant_to_torch_compile(fn):
+    # torch.compiler.assume_constant_result sets just this mark, but importing it pulls in
+    # torch._dynamo (0.8 s) at `import skd_kernels`. Marked, Dynamo calls the function at trace time
+    # instead of tracing into it, which matters on first use, when it builds the extension.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_to_torch_compile
 def resolve_backend(device_type: str, requested: str | None = None) -> str:
     """The backend that will run an op on `device_type` tensors, or a ValueError saying why none can.
 
