@@ -66,7 +66,8 @@ def _missing_tool(kind: str) -> str | None:
     return None
 
 
-def _extension_name(kind: str, files: list[Path]) -> str:
+def _extension_name(kind: str) -> str:
+    # Digest of every file under csrc/, headers included: torch's own versioning hashes sources only.
     digest = hashlib.sha256()
     digest.update(f"{torch.__version__} {sys.version_info[:2]} {_flags(kind)}".encode())
     for path in sorted(csrc_dir().rglob("*")):
@@ -103,7 +104,7 @@ def _build(kind: str):
     from torch.utils import cpp_extension
 
     files = sources(kind)
-    name = _extension_name(kind, files)
+    name = _extension_name(kind)
     with _build_lock(name):
         return cpp_extension.load(
             name=name,

@@ -62,10 +62,6 @@ def pixelwise_distill_reference(student, teacher, labels=None, *, form="official
 
 # --- pair-wise -----------------------------------------------------------------------------------
 
-PAIRWISE_POOLING = ("max", "avg", "none")
-PAIRWISE_NORMALIZATION = ("official", "paper")
-
-
 def pairwise_nodes(features: torch.Tensor, kernel: tuple, pooling: str) -> torch.Tensor:
     """Pool (B, C, H, W) features into nodes with kernel = stride = `kernel`, ceil_mode=True and no
     padding (partial windows at the border are nodes too): (B, C, H', W')."""
