@@ -1,85 +1,23 @@
-// The one binding file: turns tensors into the plain problems the kernels take.
-// Shapes, dtypes and devices are validated once in Python before dispatch; the checks here only
-// guard the pointer arithmetic against a caller that bypassed it.
-#include <torch/extension.h>
+// The extension's module. Each op's binding file, bindings/<op>_binding.cpp (the suffix because
+// torch names object files by basename), registers a function that adds its entry points; the module
+// runs them all. Shapes, dtypes and devices are validated in Python before dispatch; the checks in the
+// binding files only guard the pointer arithmetic.
+#include <vector>
 
-#include "common/pixelwise_problem.h"
-#include "cpu/pixelwise.h"
+#include "bindings/registry.h"
 
-#ifdef SKD_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include "cuda/pixelwise.h"
-#endif
-
+namespace skd {
 namespace {
-
-skd::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return skd::DType::Float32;
-    case at::kDouble: return skd::DType::Float64;
-    case at::kHalf: return skd::DType::Float16;
-    case at::kBFloat16: return skd::DType::BFloat16;
-    default: TORCH_CHECK(false, "skd_kernels: unsupported dtype ", t.scalar_type());
-  }
+std::vector<Binder>& binders() {
+  static std::vector<Binder> all;  // function-local: safe to use from other files' static initialisers
+  return all;
 }
-
-template <size_t N>
-void copy_strides(const at::Tensor& t, int64_t (&out)[N]) {
-  TORCH_CHECK(t.dim() == static_cast<int64_t>(N), "skd_kernels: expected a ", N, "-d tensor");
-  for (size_t i = 0; i < N; ++i) out[i] = t.stride(i);
-}
-
-void pixelwise_forward(const at::Tensor& student, const at::Tensor& teacher,
-                       const std::optional<at::Tensor>& labels, int64_t ignore_index, double inv_tau,
-                       int64_t loss_kind, const at::Tensor& scale, at::Tensor& pixel_loss,
-                       const std::optional<at::Tensor>& grad_student,
-                       const std::optional<at::Tensor>& grad_teacher) {
-  TORCH_CHECK(student.sizes() == teacher.sizes() && student.dtype() == teacher.dtype(),
-              "skd_kernels: student and teacher must match in shape and dtype");
-  TORCH_CHECK(pixel_loss.is_contiguous() && pixel_loss.scalar_type() == at::kDouble &&
-                  pixel_loss.numel() == student.size(0) * student.size(2) * student.size(3),
-              "skd_kernels: pixel_loss must be a contiguous float64 (B, H, W) tensor");
-  TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.numel() == 1, "skd_kernels: scale must be one float64");
-  skd::PixelwiseProblem p{};
-  p.dtype = dtype_of(student);
-  p.loss = static_cast<skd::PixelLoss>(loss_kind);
-  p.batch = student.size(0); p.classes = student.size(1);
-  p.height = student.size(2); p.width = student.size(3);
-  p.student = student.data_ptr(); copy_strides(student, p.student_strides);
-  p.teacher = teacher.data_ptr(); copy_strides(teacher, p.teacher_strides);
-  if (labels) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong, "skd_kernels: labels must be int64 here");
-    p.labels = labels->data_ptr<int64_t>(); copy_strides(*labels, p.label_strides);
-  }
-  p.ignore_index = ignore_index;
-  p.inv_tau = inv_tau;
-  p.scale = scale.data_ptr<double>();
-  p.pixel_loss = pixel_loss.data_ptr<double>();
-  for (const auto* g : {&grad_student, &grad_teacher}) {
-    if (*g) TORCH_CHECK((*g)->sizes() == student.sizes() && (*g)->dtype() == student.dtype(),
-                        "skd_kernels: gradient buffers must match the logits");
-  }
-  if (grad_student) { p.grad_student = grad_student->data_ptr(); copy_strides(*grad_student, p.grad_student_strides); }
-  if (grad_teacher) { p.grad_teacher = grad_teacher->data_ptr(); copy_strides(*grad_teacher, p.grad_teacher_strides); }
-
-  if (student.is_cpu()) {
-    skd::cpu::pixelwise_forward(p);
-    return;
-  }
-#ifdef SKD_WITH_CUDA
-  TORCH_CHECK(student.is_cuda(), "skd_kernels: tensors must be on CPU or CUDA");
-  const c10::cuda::CUDAGuard guard(student.device());
-  skd::cuda::pixelwise_forward(p, at::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-#else
-  TORCH_CHECK(false, "skd_kernels: this build has no CUDA kernels");
-#endif
-}
-
 }  // namespace
 
+void register_binding(Binder binder) { binders().push_back(binder); }
+
+}  // namespace skd
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pixelwise_forward", &pixelwise_forward,
-        "Fused pixel-wise distillation: per-pixel loss and (optionally) gradients, in place into outputs");
+  for (skd::Binder bind : skd::binders()) bind(m);
 }

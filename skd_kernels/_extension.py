@@ -35,7 +35,7 @@ def csrc_dir() -> Path:
 
 def sources(kind: str) -> list[Path]:
     root = csrc_dir()
-    files = [root / "bindings.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    files = [root / "bindings.cpp", *sorted((root / "bindings").glob("*.cpp")), *sorted((root / "cpu").glob("*.cpp"))]
     if kind == "cuda":
         files += sorted((root / "cuda").glob("*.cu"))
     return files

@@ -23,7 +23,8 @@ def test_wheel_ships_the_sources_compiled_at_first_use(tmp_path):
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in ("skd_kernels/csrc/bindings.cpp", "skd_kernels/csrc/cpu/pixelwise.cpp",
+    for source in ("skd_kernels/csrc/bindings.cpp", "skd_kernels/csrc/bindings/pixelwise_binding.cpp",
+                   "skd_kernels/csrc/cpu/pixelwise.cpp",
                    "skd_kernels/csrc/cpu/numeric.h", "skd_kernels/csrc/cuda/pixelwise.cu",
                    "skd_kernels/csrc/common/pixelwise_problem.h", "skd_kernels/triton/pixelwise.py"):
         assert source in names, source

@@ -3,10 +3,9 @@
 #pragma once
 #include <cstdint>
 
-namespace skd {
+#include "dtype.h"
 
-// Element type of the logits and of the gradients written for them.
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+namespace skd {
 
 // How a pixel's loss is formed from q_t = softmax(T/tau) and p_s = softmax(S/tau).
 enum class PixelLoss : int {

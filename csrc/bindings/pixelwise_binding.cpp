@@ -1,0 +1,67 @@
+// Binding of the fused pixel-wise loss: tensors in, PixelwiseProblem out, CPU or CUDA kernel.
+#include "../common/pixelwise_problem.h"
+#include "../cpu/pixelwise.h"
+#include "registry.h"
+#include "tensor_views.h"
+
+#ifdef SKD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "../cuda/pixelwise.h"
+#endif
+
+namespace {
+
+void pixelwise_forward(const at::Tensor& student, const at::Tensor& teacher,
+                       const std::optional<at::Tensor>& labels, int64_t ignore_index, double inv_tau,
+                       int64_t loss_kind, const at::Tensor& scale, at::Tensor& pixel_loss,
+                       const std::optional<at::Tensor>& grad_student,
+                       const std::optional<at::Tensor>& grad_teacher) {
+  TORCH_CHECK(student.sizes() == teacher.sizes() && student.dtype() == teacher.dtype(),
+              "skd_kernels: student and teacher must match in shape and dtype");
+  TORCH_CHECK(pixel_loss.is_contiguous() && pixel_loss.scalar_type() == at::kDouble &&
+                  pixel_loss.numel() == student.size(0) * student.size(2) * student.size(3),
+              "skd_kernels: pixel_loss must be a contiguous float64 (B, H, W) tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.numel() == 1, "skd_kernels: scale must be one float64");
+  skd::PixelwiseProblem p{};
+  p.dtype = skd::dtype_of(student);
+  p.loss = static_cast<skd::PixelLoss>(loss_kind);
+  p.batch = student.size(0); p.classes = student.size(1);
+  p.height = student.size(2); p.width = student.size(3);
+  p.student = student.data_ptr(); skd::copy_strides(student, p.student_strides);
+  p.teacher = teacher.data_ptr(); skd::copy_strides(teacher, p.teacher_strides);
+  if (labels) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong, "skd_kernels: labels must be int64 here");
+    p.labels = labels->data_ptr<int64_t>(); skd::copy_strides(*labels, p.label_strides);
+  }
+  p.ignore_index = ignore_index;
+  p.inv_tau = inv_tau;
+  p.scale = scale.data_ptr<double>();
+  p.pixel_loss = pixel_loss.data_ptr<double>();
+  for (const auto* g : {&grad_student, &grad_teacher}) {
+    if (*g) TORCH_CHECK((*g)->sizes() == student.sizes() && (*g)->dtype() == student.dtype(),
+                        "skd_kernels: gradient buffers must match the logits");
+  }
+  if (grad_student) { p.grad_student = grad_student->data_ptr(); skd::copy_strides(*grad_student, p.grad_student_strides); }
+  if (grad_teacher) { p.grad_teacher = grad_teacher->data_ptr(); skd::copy_strides(*grad_teacher, p.grad_teacher_strides); }
+
+  if (student.is_cpu()) {
+    skd::cpu::pixelwise_forward(p);
+    return;
+  }
+#ifdef SKD_WITH_CUDA
+  TORCH_CHECK(student.is_cuda(), "skd_kernels: tensors must be on CPU or CUDA");
+  const c10::cuda::CUDAGuard guard(student.device());
+  skd::cuda::pixelwise_forward(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+  TORCH_CHECK(false, "skd_kernels: this build has no CUDA kernels");
+#endif
+}
+
+const skd::BindingRegistration registration([](pybind11::module_& m) {
+  m.def("pixelwise_forward", &pixelwise_forward,
+        "Fused pixel-wise distillation: per-pixel loss and (optionally) gradients, in place into outputs");
+});
+
+}  // namespace
