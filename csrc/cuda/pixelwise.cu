@@ -9,20 +9,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/numeric.cuh"
 #include "cuda/pixelwise.h"
 
 namespace skd::cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ double to_float(double v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float* out, float v) { *out = v; }
-__device__ __forceinline__ void store(double* out, double v) { *out = v; }
-__device__ __forceinline__ void store(__half* out, float v) { *out = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* out, float v) { *out = __float2bfloat16_rn(v); }
 
 template <typename Acc> __device__ __forceinline__ Acc stable_exp(Acc x) { return exp(x); }
 template <> __device__ __forceinline__ float stable_exp<float>(float x) { return expf(x); }

@@ -1,0 +1,104 @@
+// Binding of the pair-wise node passes: tensors in, PairwiseNodesProblem out, CPU or CUDA kernel.
+#include "../common/pairwise_problem.h"
+#include "../cpu/pairwise.h"
+#include "registry.h"
+#include "tensor_views.h"
+
+#ifdef SKD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "../cuda/pairwise.h"
+#endif
+
+namespace {
+
+void check_buffer(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == dtype && t.numel() == numel, "skd_kernels: ", name,
+              " must be a contiguous ", dtype, " tensor of ", numel, " elements");
+}
+
+// Shared by both directions: sizes, pooling and the node buffers.
+skd::PairwiseNodesProblem make_problem(const at::Tensor& features, int64_t kernel_h, int64_t kernel_w,
+                                       int64_t pooling, int64_t norm, const at::Tensor& nodes,
+                                       const at::Tensor& inv_norm, const std::optional<at::Tensor>& argmax) {
+  skd::PairwiseNodesProblem p{};
+  p.dtype = skd::dtype_of(features);
+  p.pooling = static_cast<skd::NodePooling>(pooling);
+  p.norm = static_cast<skd::NodeNorm>(norm);
+  p.batch = features.size(0); p.channels = features.size(1);
+  p.height = features.size(2); p.width = features.size(3);
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, "skd_kernels: node kernel must be positive");
+  p.kernel_h = kernel_h; p.kernel_w = kernel_w;
+  p.nodes_h = (p.height + kernel_h - 1) / kernel_h; p.nodes_w = (p.width + kernel_w - 1) / kernel_w;
+  TORCH_CHECK(p.pooling != skd::NodePooling::None || (kernel_h == 1 && kernel_w == 1),
+              "skd_kernels: pooling 'none' needs a 1x1 kernel");
+  p.features = features.data_ptr(); skd::copy_strides(features, p.feature_strides);
+  const int64_t m = p.nodes_h * p.nodes_w;
+  check_buffer(nodes, at::kDouble, p.batch * p.channels * m, "nodes");
+  check_buffer(inv_norm, at::kDouble, p.batch * m, "inv_norm");
+  p.nodes = nodes.data_ptr<double>();
+  p.inv_norm = inv_norm.data_ptr<double>();
+  TORCH_CHECK(argmax.has_value() == (p.pooling == skd::NodePooling::Max),
+              "skd_kernels: argmax is needed exactly for max pooling");
+  if (argmax) {
+    check_buffer(*argmax, at::kInt, p.batch * p.channels * m, "argmax");
+    p.argmax = argmax->data_ptr<int32_t>();
+  }
+  TORCH_CHECK(nodes.device() == features.device() && inv_norm.device() == features.device() &&
+                  (!argmax || argmax->device() == features.device()),
+              "skd_kernels: node buffers must be on the features' device");
+  return p;
+}
+
+template <typename CpuPass, typename CudaPass>
+void run(const at::Tensor& features, const skd::PairwiseNodesProblem& p, CpuPass cpu_pass, CudaPass cuda_pass) {
+  if (features.is_cpu()) {
+    cpu_pass(p);
+    return;
+  }
+#ifdef SKD_WITH_CUDA
+  TORCH_CHECK(features.is_cuda(), "skd_kernels: tensors must be on CPU or CUDA");
+  const c10::cuda::CUDAGuard guard(features.device());
+  cuda_pass(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+  (void)cuda_pass;
+  TORCH_CHECK(false, "skd_kernels: this build has no CUDA kernels");
+#endif
+}
+
+#ifdef SKD_WITH_CUDA
+#define SKD_CUDA_PASS(name) skd::cuda::name
+#else
+#define SKD_CUDA_PASS(name) nullptr
+#endif
+
+void pairwise_nodes_forward(const at::Tensor& features, int64_t kernel_h, int64_t kernel_w, int64_t pooling,
+                            int64_t norm, at::Tensor& nodes, at::Tensor& inv_norm,
+                            const std::optional<at::Tensor>& argmax) {
+  const auto p = make_problem(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax);
+  run(features, p, skd::cpu::pairwise_nodes_forward, SKD_CUDA_PASS(pairwise_nodes_forward));
+}
+
+void pairwise_nodes_backward(const at::Tensor& features, int64_t kernel_h, int64_t kernel_w, int64_t pooling,
+                             int64_t norm, const at::Tensor& nodes, const at::Tensor& inv_norm,
+                             const std::optional<at::Tensor>& argmax, const at::Tensor& grad_nodes,
+                             at::Tensor& grad_features) {
+  auto p = make_problem(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax);
+  check_buffer(grad_nodes, at::kDouble, nodes.numel(), "grad_nodes");
+  TORCH_CHECK(grad_features.sizes() == features.sizes() && grad_features.dtype() == features.dtype() &&
+                  grad_features.device() == features.device() && grad_nodes.device() == features.device(),
+              "skd_kernels: grad_features must match the features");
+  p.grad_nodes = grad_nodes.data_ptr<double>();
+  p.grad_features = grad_features.data_ptr(); skd::copy_strides(grad_features, p.grad_strides);
+  run(features, p, skd::cpu::pairwise_nodes_backward, SKD_CUDA_PASS(pairwise_nodes_backward));
+}
+
+const skd::BindingRegistration registration([](pybind11::module_& m) {
+  m.def("pairwise_nodes_forward", &pairwise_nodes_forward,
+        "Pool, normalise and transpose features (B, C, H, W) into float64 nodes (B, C, M)");
+  m.def("pairwise_nodes_backward", &pairwise_nodes_backward,
+        "Gradient of the node pass: d loss / d nodes (B, C, M) -> d loss / d features (B, C, H, W)");
+});
+
+}  // namespace

@@ -1,0 +1,120 @@
+// The two fused passes of pair-wise distillation on CUDA: features -> normalised float64 nodes, and
+// the gradient back from nodes to features.
+//
+// One thread per node, looping over channels: neighbouring threads own neighbouring nodes, so for
+// node size 1 every channel step is a coalesced load of the map and a coalesced store of the nodes;
+// the node's norm needs all its channels, which one thread has. Each thread re-reads its own nodes
+// to scale them (L2 hits). Only plain CUDA headers, so this file compiles in seconds.
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "cuda/numeric.cuh"
+#include "cuda/pairwise.h"
+
+namespace skd::cuda {
+namespace {
+
+struct Window { int64_t h0, h1, w0, w1; };
+
+__device__ __forceinline__ Window window(const PairwiseNodesProblem& p, int64_t i, int64_t j) {
+  return {i * p.kernel_h, min((i + 1) * p.kernel_h, p.height), j * p.kernel_w, min((j + 1) * p.kernel_w, p.width)};
+}
+
+template <typename Scalar>
+__global__ void nodes_forward_kernel(PairwiseNodesProblem p) {
+  const int64_t m = p.nodes_h * p.nodes_w;
+  const int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= p.batch * m) return;
+  const int64_t b = id / m, node = id % m, i = node / p.nodes_w, j = node % p.nodes_w;
+  const Window win = window(p, i, j);
+  const int64_t* st = p.feature_strides;
+  const Scalar* base = static_cast<const Scalar*>(p.features) + b * st[0];
+  double sumsq = 0.0;
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const Scalar* plane = base + c * st[1];
+    double acc = p.pooling == NodePooling::Max ? -INFINITY : 0.0;
+    int32_t best = int32_t(win.h0 * p.width + win.w0);
+    for (int64_t h = win.h0; h < win.h1; ++h) {
+      for (int64_t w = win.w0; w < win.w1; ++w) {
+        const double v = to_float(plane[h * st[2] + w * st[3]]);
+        if (p.pooling != NodePooling::Max) {
+          acc += v;
+        } else if ((v > acc || isnan(v)) && !isnan(acc)) {  // first maximum; NaN wins (max_pool2d)
+          acc = v;
+          best = int32_t(h * p.width + w);
+        }
+      }
+    }
+    if (p.pooling == NodePooling::Avg) acc /= double((win.h1 - win.h0) * (win.w1 - win.w0));
+    p.nodes[(b * p.channels + c) * m + node] = acc;
+    if (p.argmax) p.argmax[(b * p.channels + c) * m + node] = best;
+    sumsq += acc * acc;
+  }
+  const double norm = sqrt(sumsq);
+  const double inv = p.norm == NodeNorm::Official ? 1.0 / (norm + 1e-8) : 1.0 / fmax(norm, 1e-12);
+  p.inv_norm[b * m + node] = inv;
+  for (int64_t c = 0; c < p.channels; ++c) p.nodes[(b * p.channels + c) * m + node] *= inv;
+}
+
+template <typename Scalar>
+__global__ void nodes_backward_kernel(PairwiseNodesProblem p) {
+  const int64_t m = p.nodes_h * p.nodes_w;
+  const int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= p.batch * m) return;
+  const int64_t b = id / m, node = id % m, i = node / p.nodes_w, j = node % p.nodes_w;
+  const Window win = window(p, i, j);
+  const double inv = p.inv_norm[b * m + node];
+  // Paper form: the gradient through the norm projects out the radial part, unless the norm was
+  // clamped at 1e-12 (then it is a constant), as F.normalize.
+  double radial = 0.0;
+  if (p.norm == NodeNorm::Paper && inv < 1e12) {
+    for (int64_t c = 0; c < p.channels; ++c) {
+      const int64_t k = (b * p.channels + c) * m + node;
+      radial += p.nodes[k] * p.grad_nodes[k];
+    }
+  }
+  const int64_t* gs = p.grad_strides;
+  Scalar* base = static_cast<Scalar*>(p.grad_features) + b * gs[0];
+  const double count = double((win.h1 - win.h0) * (win.w1 - win.w0));
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const int64_t k = (b * p.channels + c) * m + node;
+    const double dp = (p.grad_nodes[k] - p.nodes[k] * radial) * inv;
+    Scalar* plane = base + c * gs[1];
+    for (int64_t h = win.h0; h < win.h1; ++h) {
+      for (int64_t w = win.w0; w < win.w1; ++w) {
+        double g = p.pooling == NodePooling::Avg ? dp / count : dp;
+        if (p.argmax && p.argmax[k] != h * p.width + w) g = 0.0;
+        store(plane + h * gs[2] + w * gs[3], g);
+      }
+    }
+  }
+}
+
+template <template <typename> class Kernel>
+void launch(const PairwiseNodesProblem& p, void* stream) {
+  const int64_t threads = 128, total = p.batch * p.nodes_h * p.nodes_w;
+  if (total == 0) return;
+  const dim3 grid(unsigned((total + threads - 1) / threads));
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::Float32: Kernel<float>::launch(grid, threads, s, p); break;
+    case DType::Float64: Kernel<double>::launch(grid, threads, s, p); break;
+    case DType::Float16: Kernel<__half>::launch(grid, threads, s, p); break;
+    case DType::BFloat16: Kernel<__nv_bfloat16>::launch(grid, threads, s, p); break;
+  }
+}
+
+template <typename Scalar> struct Forward {
+  static void launch(dim3 g, int t, cudaStream_t s, const PairwiseNodesProblem& p) { nodes_forward_kernel<Scalar><<<g, t, 0, s>>>(p); }
+};
+template <typename Scalar> struct Backward {
+  static void launch(dim3 g, int t, cudaStream_t s, const PairwiseNodesProblem& p) { nodes_backward_kernel<Scalar><<<g, t, 0, s>>>(p); }
+};
+
+}  // namespace
+
+void pairwise_nodes_forward(const PairwiseNodesProblem& p, void* stream) { launch<Forward>(p, stream); }
+void pairwise_nodes_backward(const PairwiseNodesProblem& p, void* stream) { launch<Backward>(p, stream); }
+
+}  // namespace skd::cuda

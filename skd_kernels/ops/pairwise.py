@@ -1,0 +1,382 @@
+"""Pair-wise distillation: input checks, the similarity core, backend dispatch, torch.library op and
+its autograd.
+
+The loss compares the cosine similarities a_ij = u_i . u_j of every pair of nodes (pooled, normalised
+feature vectors) of the student with the teacher's: sum over images and pairs of (a^s_ij - a^t_ij)^2,
+divided by M^2 and by B. Three passes, none of which builds the M x M matrix A:
+
+1. nodes (fused kernel per backend): pool, normalise, transpose into float64 u (B, C, M);
+2. the similarity core, on float64 GEMMs, by one of two exact algorithms:
+   - ``lowrank``: sum_ij (a^s - a^t)^2 = ||Us Us^T||^2 + ||Ut Ut^T||^2 - 2 ||Us Ut^T||^2 with the
+     (C x C) Gram matrices; O(M C^2) work, O(C^2) memory; gradient d/dUs = 4 (Gss Us - Gst Ut);
+   - ``tiled``: row blocks D_I = A^s_I - A^t_I (R x M) formed, squared and summed, and the gradient
+     D_I Us accumulated block by block; O(M^2 C) work, O(R M) memory;
+   ``auto`` picks the one with fewer flops.
+3. node backward (fused kernel per backend): through the normalisation and the pooling.
+
+Why float64 in the core: with fp32 Grams the low-rank form subtracts terms of size ||A||^2 ~ M^2 to
+get a loss that can be 1e-9 of that (student close to teacher, post-ReLU features whose similarities
+all sit near 1): it returns 0 or garbage. In float64 the absolute error of the summed loss is about
+1e-16 (||Gss||^2 + ||Gtt||^2 + 2 ||Gst||^2), and that of the tiled sum about 1e-16 M^2 max|a|, both
+relative to M^2 B; the nodes are kept in float64 so that the similarities of fp32/fp16/bf16 inputs
+are formed exactly. That is the guarantee the tests check, against the float64 reference.
+
+Like the pixel-wise op, the op returns the loss with the gradients already computed (the core yields
+them for little extra work); autograd keeps them and the backward only scales them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validation as check
+from .._extension import load_extension
+from ..backends import resolve_backend
+from ..reference import official_pairwise_kernel, pairwise_distill_reference
+
+POOLINGS = ("max", "avg", "none")
+NORMALIZATIONS = ("official", "paper")
+ALGORITHMS = ("auto", "lowrank", "tiled")
+_POOLING_CODE = {"none": 0, "max": 1, "avg": 2}
+_NORM_CODE = {"official": 0, "paper": 1}
+# Working-set budget (bytes) for the float64 nodes of one chunk of images, and for one tile row
+# block: memory stays a few input-sized buffers whatever the batch and the node count.
+_CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 30}
+_TILE_BYTES = 1 << 25
+
+
+def node_kernel(student: torch.Tensor, teacher: torch.Tensor, scale, node_size) -> tuple[int, int]:
+    """The pooling window (= stride): from `scale` as the official module, from `node_size`, or 1x1."""
+    if scale is not None and node_size is not None:
+        raise ValueError("give either scale (the official node size int(H*scale) x int(W*scale)) or "
+                         "node_size, not both")
+    if scale is not None:
+        scale = check.check_positive("scale", scale)
+        kernel = official_pairwise_kernel(teacher, scale)
+        if min(kernel) < 1:
+            raise ValueError(f"scale={scale} gives an empty node window {kernel} for "
+                             f"{tuple(teacher.shape[2:])} features; use a larger scale or node_size")
+        return kernel
+    if node_size is None:
+        return 1, 1
+    kernel = (node_size, node_size) if isinstance(node_size, int) else tuple(node_size)
+    if len(kernel) != 2 or not all(isinstance(k, int) and k >= 1 for k in kernel):
+        raise ValueError(f"node_size must be a positive int or a pair of them, got {node_size!r}")
+    return kernel
+
+
+def _check_inputs(student, teacher, pooling, normalization, algorithm):
+    check.check_float_tensor("student", student, 4, "(B, Cs, H, W)")
+    check.check_float_tensor("teacher", teacher, 4, "(B, Ct, H, W)")
+    check.check_same("student", student, "teacher", teacher)
+    check.check_choice("pooling", pooling, POOLINGS)
+    check.check_choice("normalization", normalization, NORMALIZATIONS)
+    check.check_choice("algorithm", algorithm, ALGORITHMS)
+    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(f"student features {tuple(student.shape)} and teacher features "
+                         f"{tuple(teacher.shape)} must agree in B, H and W (channels may differ)")
+    for name, features in (("student", student), ("teacher", teacher)):
+        if features.numel() == 0:
+            raise ValueError(f"{name} features must be non-empty, got shape {tuple(features.shape)}")
+        check.check_finite(name, features)
+
+
+def pairwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, scale: Optional[float] = None,
+                          node_size=None, pooling: str = "max", normalization: str = "official",
+                          algorithm: str = "auto", backend: Optional[str] = None) -> torch.Tensor:
+    """Pair-wise distillation loss of Structured Knowledge Distillation, never building M x M.
+
+    Args:
+        student, teacher: features (B, Cs, H, W) and (B, Ct, H, W), Cs != Ct allowed; float32, float16,
+            bfloat16 or float64, same dtype and device, any strides.
+        scale: node windows of int(H*scale) x int(W*scale) of the teacher's map (the official module;
+            0.5 on 65x65 gives 3x3 nodes). node_size: an int or (h, w) window instead. Neither: every
+            position is a node. Windows tile the map with ceil mode: border windows may be partial.
+        pooling: ``"max"`` (official), ``"avg"`` or ``"none"`` (only with 1x1 windows).
+        normalization: ``"official"`` u = f / (||f|| + 1e-8) with the norm detached (the official
+            code), or ``"paper"`` u = f / max(||f||, 1e-12) with the gradient through the norm
+            (F.normalize, the paper's cosine; CIRKD).
+        algorithm: ``"lowrank"``, ``"tiled"`` or ``"auto"`` (fewer flops); both exact, see the module.
+        backend: ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"auto"``; default SKD_BACKEND or auto.
+
+    Returns:
+        sum over images and node pairs of (a^s_ij - a^t_ij)^2 / M^2 / B, a 0-d float32 tensor (float64
+        for float64 features).
+    """
+    _check_inputs(student, teacher, pooling, normalization, algorithm)
+    kernel_h, kernel_w = node_kernel(student, teacher, scale, node_size)
+    if (kernel_h, kernel_w) == (1, 1):
+        pooling = "none"  # a 1x1 window pools nothing
+    elif pooling == "none":
+        raise ValueError(f"pooling='none' needs 1x1 nodes, but the node window is {(kernel_h, kernel_w)}")
+    name = resolve_backend(student.device.type, backend)
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _ = pairwise_distill(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm,
+                                  grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad,
+                                  name)
+    return loss
+
+
+# --- the similarity core (float64, shared by every backend) ---------------------------------------
+
+def choose_algorithm(nodes: int, student_channels: int, teacher_channels: int, want_teacher: bool) -> str:
+    """The exact algorithm with fewer flops for M nodes and Cs, Ct channels."""
+    m, cs, ct = nodes, student_channels, teacher_channels
+    lowrank = m * (cs * cs + ct * ct + cs * ct) + m * cs * (cs + ct) + (m * ct * (cs + ct) if want_teacher else 0)
+    tiled = m * m * (cs + ct) + m * m * cs + (m * m * ct if want_teacher else 0)
+    return "tiled" if tiled < lowrank else "lowrank"
+
+
+def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: bool, want_t: bool,
+                    try_float32: bool = False):
+    """sum_b ||Us_b^T Us_b - Ut_b^T Ut_b||_F^2 and its gradients with respect to Us, Ut.
+
+    us (B, Cs, M), ut (B, Ct, M): float64 nodes, one column per node. Returns (loss, dus or None,
+    dut or None), the loss a 0-d float64 tensor. `try_float32`: run the low-rank products in float32
+    first and keep them when their estimated rounding error is small (see `_lowrank_error_estimate`).
+    """
+    if algorithm == "lowrank":
+        if try_float32:
+            loss, gss, gst, gtt = _grams(us.float(), ut.float())
+            estimate = _lowrank_error_estimate(us, ut, gss, gst, gtt)
+            if bool(estimate <= FLOAT32_LOSS_RTOL * loss):  # NaN fails too
+                dus, dut = _lowrank_gradients(us.float(), ut.float(), gss, gst, gtt, want_s, want_t)
+                return (loss.double(), dus.double() if want_s else None, dut.double() if want_t else None)
+        loss, gss, gst, gtt = _grams(us, ut)
+        dus, dut = _lowrank_gradients(us, ut, gss, gst, gtt, want_s, want_t)
+        return loss, dus, dut
+    return _tiled(us, ut, want_s, want_t)
+
+
+# The float32 low-rank result is kept when its estimated relative error is below this; otherwise
+# (student close to teacher: the loss is a tiny difference of large Gram norms) it is recomputed in
+# float64. 1e-5 is about the rounding error of the official formula itself evaluated in float32.
+FLOAT32_LOSS_RTOL = 1e-5
+
+
+def _grams(us, ut):
+    gss = torch.bmm(us, us.transpose(1, 2))
+    gst = torch.bmm(us, ut.transpose(1, 2))
+    gtt = torch.bmm(ut, ut.transpose(1, 2))
+    return gss.square().sum() + gtt.square().sum() - 2 * gst.square().sum(), gss, gst, gtt
+
+
+def _lowrank_gradients(us, ut, gss, gst, gtt, want_s, want_t):
+    # d/dUs sum (a^s - a^t)^2 = 4 (A^s - A^t) Us = 4 (Us Gss - Ut Gts) in node-row layout.
+    dus = torch.baddbmm(torch.bmm(gss, us), gst, ut, alpha=-4, beta=4) if want_s else None
+    dut = torch.baddbmm(torch.bmm(gtt, ut), gst.transpose(1, 2), us, alpha=-4, beta=4) if want_t else None
+    return dus, dut
+
+
+def _lowrank_error_estimate(us, ut, gss, gst, gtt) -> torch.Tensor:
+    """Statistical estimate of the float32 low-rank loss's rounding error.
+
+    A float32 Gram entry G_ab = sum over M nodes carries an error of about 2^-24 sqrt(M) n_a n_b
+    (n: the per-channel norms over the nodes; rounding errors of a blocked sum add like a random
+    walk, and the float32 rounding of u adds as much again). The loss sum_ab G_ab^2 (with signs)
+    then errs by about 2 sqrt(sum_ab (G_ab dG_ab)^2), counting |Gst| twice.
+    """
+    ns, nt = us.norm(dim=2), ut.norm(dim=2)  # (B, C)
+    outer = lambda a, b: a[:, :, None] * b[:, None, :]
+    weighted = ((gss.double() * outer(ns, ns)).square().sum() + (gtt.double() * outer(nt, nt)).square().sum()
+                + 4 * (gst.double() * outer(ns, nt)).square().sum())
+    return 2 * 2.0**-23 * us.shape[-1] ** 0.5 * weighted.sqrt()
+
+
+def _tiled(us, ut, want_s, want_t):
+    m = us.shape[-1]
+    rows = max(1, min(m, _TILE_BYTES // (8 * m * us.shape[0])))
+    loss = us.new_zeros(())
+    dus = torch.empty_like(us) if want_s else None
+    dut = torch.empty_like(ut) if want_t else None
+    for r0 in range(0, m, rows):
+        block = slice(r0, r0 + rows)
+        # D_I = A^s[I, :] - A^t[I, :], (B, R, M)
+        diff = torch.baddbmm(torch.bmm(us[:, :, block].transpose(1, 2), us), ut[:, :, block].transpose(1, 2), ut,
+                             alpha=-1)
+        loss += diff.square().sum()
+        if want_s:  # (D Us)[I], stored as columns: Us D_I^T
+            dus[:, :, block] = torch.bmm(us, diff.transpose(1, 2)).mul_(4)
+        if want_t:
+            dut[:, :, block] = torch.bmm(ut, diff.transpose(1, 2)).mul_(-4)
+    return loss, dus, dut
+
+
+# --- the node passes, per backend -----------------------------------------------------------------
+
+class _Nodes:
+    """One feature map's nodes (B, C, M) float64 and what their backward needs."""
+
+    def __init__(self, features, kernel, pooling, normalization, backend):
+        self.features, self.kernel, self.pooling, self.normalization = features, kernel, pooling, normalization
+        self.backend = backend
+        b, c, h, w = features.shape
+        m = -(-h // kernel[0]) * -(-w // kernel[1])
+        device = features.device
+        self.u = torch.empty((b, c, m), dtype=torch.float64, device=device)
+        self.inv_norm = torch.empty((b, m), dtype=torch.float64, device=device)
+        self.argmax = torch.empty((b, c, m), dtype=torch.int32, device=device) if pooling == "max" else None
+        if backend == "torch":
+            self._torch_forward()
+        else:
+            _node_pass(backend, "forward", self)
+
+    def backward(self, grad_u: torch.Tensor) -> torch.Tensor:
+        """d loss / d features from d loss / d u, in the features' dtype."""
+        grad = torch.empty_like(self.features)
+        if self.backend == "torch":
+            self._torch_backward(grad_u, grad)
+        else:
+            _node_pass(self.backend, "backward", self, grad_u, grad)
+        return grad
+
+    # The PyTorch fallback: the same two passes from stock ops. Custom-op kernels run below autograd,
+    # so the pooling's backward is called directly.
+    def _torch_forward(self):
+        x, k = self.features.double(), self.kernel
+        if self.pooling == "max":
+            pooled, self.indices = F.max_pool2d(x, k, stride=k, ceil_mode=True, return_indices=True)
+        elif self.pooling == "avg":
+            pooled = F.avg_pool2d(x, k, stride=k, ceil_mode=True)
+        else:
+            pooled = x
+        norm = pooled.flatten(2).pow(2).sum(1).sqrt()
+        inv = 1 / (norm + 1e-8) if self.normalization == "official" else 1 / norm.clamp_min(1e-12)
+        self.inv_norm.copy_(inv)
+        self.u.copy_(pooled.flatten(2) * inv[:, None, :])
+        self.pooled_shape = pooled.shape
+
+    def _torch_backward(self, grad_u, grad):
+        radial = 0
+        if self.normalization == "paper":
+            radial = (self.u * grad_u).sum(1, keepdim=True) * (self.inv_norm < 1e12)[:, None, :]
+        grad_pooled = ((grad_u - self.u * radial) * self.inv_norm[:, None, :]).view(self.pooled_shape)
+        x, k = self.features.double(), list(self.kernel)
+        if self.pooling == "max":
+            grad_pooled = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad_pooled, x, k, k, [0, 0], [1, 1], True, self.indices)
+        elif self.pooling == "avg":
+            grad_pooled = torch.ops.aten.avg_pool2d_backward(grad_pooled, x, k, k, [0, 0], True, True, None)
+        grad.copy_(grad_pooled)
+
+
+def _node_pass(backend: str, direction: str, nodes: _Nodes, *grads) -> None:
+    args = (nodes.features, *nodes.kernel, _POOLING_CODE[nodes.pooling], _NORM_CODE[nodes.normalization],
+            nodes.u, nodes.inv_norm, nodes.argmax, *grads)
+    if backend == "triton":
+        from ..triton import pairwise as triton_pairwise
+
+        return getattr(triton_pairwise, f"pairwise_nodes_{direction}")(*args)
+    module = load_extension(backend)
+    if module is None:
+        raise RuntimeError(f"skd::pairwise_distill: the {backend} backend could not be built (see the warning)")
+    getattr(module, f"pairwise_nodes_{direction}")(*args)
+
+
+def _loss_dtype(features: torch.Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _chunks(student, teacher, nodes_per_image):
+    """Slices of the batch whose float64 nodes fit the working-set budget."""
+    budget = _CHUNK_BYTES.get(student.device.type, 1 << 26)
+    per_image = 8 * nodes_per_image * (student.shape[1] + teacher.shape[1])
+    step = max(1, budget // max(per_image, 1))
+    return [slice(b, b + step) for b in range(0, student.shape[0], step)]
+
+
+def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, want_s, want_t, backend):
+    b, _, h, w = student.shape
+    m = -(-h // kernel[0]) * -(-w // kernel[1])
+    if algorithm == "auto":
+        algorithm = choose_algorithm(m, student.shape[1], teacher.shape[1], want_t)
+    gs = torch.empty_like(student) if want_s else None
+    gt = torch.empty_like(teacher) if want_t else None
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    for part in _chunks(student, teacher, m):
+        ns = _Nodes(student[part], kernel, pooling, normalization, backend)
+        nt = _Nodes(teacher[part], kernel, pooling, normalization, backend)
+        loss, dus, dut = similarity_core(ns.u, nt.u, algorithm, want_s, want_t,
+                                         try_float32=student.device.type == "cpu" and student.dtype != torch.float64)
+        total += loss
+        # The core's gradients are of the unscaled sum; the loss divides it by M^2 and B.
+        if want_s:
+            gs[part] = ns.backward(dus.mul_(1.0 / (m * m * b)))
+        if want_t:
+            gt[part] = nt.backward(dut.mul_(1.0 / (m * m * b)))
+    loss = (total / (m * m * b)).to(_loss_dtype(student))
+    empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
+    return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
+
+
+# --- the op and its autograd ----------------------------------------------------------------------
+
+@torch.library.custom_op("skd::pairwise_distill", mutates_args=())
+def pairwise_distill(student: torch.Tensor, teacher: torch.Tensor, kernel_h: int, kernel_w: int, pooling: str,
+                     normalization: str, algorithm: str, grad_student: bool, grad_teacher: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused op on validated input: (loss, d loss/d student or empty, d loss/d teacher or empty)."""
+    raise NotImplementedError(f"skd::pairwise_distill has no kernel for {student.device.type} tensors")
+
+
+def _device_kernel(device_type: str, backends: tuple):
+    def kernel(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm, grad_student,
+               grad_teacher, backend):
+        if backend not in backends:
+            raise ValueError(f"skd::pairwise_distill: backend {backend!r} cannot run on {device_type} tensors")
+        return _fused_forward(student, teacher, (kernel_h, kernel_w), pooling, normalization, algorithm,
+                              grad_student, grad_teacher, backend)
+
+    return kernel
+
+
+pairwise_distill.register_kernel("cpu")(_device_kernel("cpu", ("torch", "cpu", "triton")))  # triton: interpreter
+pairwise_distill.register_kernel("cuda")(_device_kernel("cuda", ("torch", "cuda", "triton")))
+
+
+@pairwise_distill.register_fake
+def _(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm, grad_student, grad_teacher,
+      backend):
+    empty = student.new_empty(0)
+    return (student.new_empty((), dtype=_loss_dtype(student)),
+            torch.empty_like(student) if grad_student else empty,
+            torch.empty_like(teacher) if grad_teacher else empty.clone())
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm, grad_student, grad_teacher, backend = inputs
+    _, gs, gt = output
+    ctx.mark_non_differentiable(gs, gt)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(student, teacher)
+    ctx.options = (kernel_h, kernel_w, pooling, normalization, algorithm, backend)
+    ctx.fused = (gs if grad_student else None, gt if grad_teacher else None)
+
+
+def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
+    nothing = (None,) * 8
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_loss is None or not (need_s or need_t):
+        return (None, None, *nothing)
+    student, teacher = ctx.saved_tensors
+    kernel_h, kernel_w, pooling, normalization, algorithm, backend = ctx.options
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate the reference so second derivatives are exact; it builds
+        # the M x M matrices (the distillation recipe never takes this path).
+        loss = pairwise_distill_reference(student, teacher, node_size=(kernel_h, kernel_w),
+                                          pooling=pooling, normalization=normalization)
+        wanted = [x for x, need in ((student, need_s), (teacher, need_t)) if need]
+        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
+        return (next(grads) if need_s else None, next(grads) if need_t else None, *nothing)
+    gs, gt = ctx.fused
+    ctx.fused = (None, None)
+    if (need_s and gs is None) or (need_t and gt is None):  # a second backward (retain_graph=True)
+        _, gs, gt = pairwise_distill(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm,
+                                     need_s, need_t, backend)
+    # These buffers belong to this graph alone, so scaling them in place is safe and saves a copy.
+    return (gs.mul_(grad_loss) if need_s else None, gt.mul_(grad_loss) if need_t else None, *nothing)
+
+
+pairwise_distill.register_autograd(_backward, setup_context=_setup_context)
