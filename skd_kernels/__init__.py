@@ -4,16 +4,21 @@ Importing compiles nothing: C++/CUDA kernels build at first use, Triton is impor
 """
 from . import reference
 from .backends import BACKENDS, available_backends
-from .modules import CriterionPixelWise, PixelWiseDistillLoss
+from .modules import (CriterionPairWiseforWholeFeatAfterPool, CriterionPixelWise, PairWiseDistillLoss,
+                      PixelWiseDistillLoss)
+from .ops.pairwise import pairwise_distill_loss
 from .ops.pixelwise import pixelwise_distill_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CriterionPairWiseforWholeFeatAfterPool",
     "CriterionPixelWise",
+    "PairWiseDistillLoss",
     "PixelWiseDistillLoss",
     "available_backends",
+    "pairwise_distill_loss",
     "pixelwise_distill_loss",
     "reference",
 ]

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .ops.pairwise import pairwise_distill_loss
 from .ops.pixelwise import pixelwise_distill_loss
 
 
@@ -47,3 +48,43 @@ class CriterionPixelWise(PixelWiseDistillLoss):
 
     def forward(self, preds_S, preds_T) -> torch.Tensor:
         return super().forward(preds_S, preds_T)
+
+
+class PairWiseDistillLoss(nn.Module):
+    """Pair-wise distillation, see :func:`skd_kernels.pairwise_distill_loss` for the arguments.
+
+    forward(preds_S, preds_T): features (B, Cs, H, W) and (B, Ct, H, W), or the official lists of
+    model outputs, of which element `feat_ind` is used (-5: the PSP features). The teacher gets a
+    gradient only if its features require one. Returns a 0-d float32 loss.
+    """
+
+    def __init__(self, scale: Optional[float] = 0.5, feat_ind: int = -5, node_size=None, pooling: str = "max",
+                 normalization: str = "official", algorithm: str = "auto", backend: Optional[str] = None):
+        super().__init__()
+        self.scale, self.feat_ind, self.node_size = scale, feat_ind, node_size
+        self.pooling, self.normalization, self.algorithm, self.backend = pooling, normalization, algorithm, backend
+
+    def _features(self, preds):
+        return preds[self.feat_ind] if isinstance(preds, (list, tuple)) else preds
+
+    def forward(self, preds_S, preds_T) -> torch.Tensor:
+        return pairwise_distill_loss(self._features(preds_S), self._features(preds_T), scale=self.scale,
+                                     node_size=self.node_size, pooling=self.pooling,
+                                     normalization=self.normalization, algorithm=self.algorithm,
+                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        nodes = f"scale={self.scale}" if self.scale is not None else f"node_size={self.node_size}"
+        return (f"{nodes}, feat_ind={self.feat_ind}, pooling={self.pooling!r}, "
+                f"normalization={self.normalization!r}, algorithm={self.algorithm!r}, backend={self.backend!r}")
+
+
+class CriterionPairWiseforWholeFeatAfterPool(PairWiseDistillLoss):
+    """Drop-in for the official `CriterionPairWiseforWholeFeatAfterPool(scale, feat_ind)`: max-pooled
+    nodes of int(H*scale) x int(W*scale), norm detached, teacher detached, as the official module."""
+
+    def __init__(self, scale: float, feat_ind: int, backend: Optional[str] = None):
+        super().__init__(scale=scale, feat_ind=feat_ind, backend=backend)
+
+    def forward(self, preds_S, preds_T) -> torch.Tensor:
+        return super().forward(preds_S, self._features(preds_T).detach())

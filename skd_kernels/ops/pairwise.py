@@ -138,15 +138,7 @@ def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: 
     first and keep them when their estimated rounding error is small (see `_lowrank_error_estimate`).
     """
     if algorithm == "lowrank":
-        if try_float32:
-            loss, gss, gst, gtt = _grams(us.float(), ut.float())
-            estimate = _lowrank_error_estimate(us, ut, gss, gst, gtt)
-            if bool(estimate <= FLOAT32_LOSS_RTOL * loss):  # NaN fails too
-                dus, dut = _lowrank_gradients(us.float(), ut.float(), gss, gst, gtt, want_s, want_t)
-                return (loss.double(), dus.double() if want_s else None, dut.double() if want_t else None)
-        loss, gss, gst, gtt = _grams(us, ut)
-        dus, dut = _lowrank_gradients(us, ut, gss, gst, gtt, want_s, want_t)
-        return loss, dus, dut
+        return _lowrank(us, ut, want_s, want_t, try_float32)
     return _tiled(us, ut, want_s, want_t)
 
 
@@ -156,33 +148,77 @@ def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: 
 FLOAT32_LOSS_RTOL = 1e-5
 
 
-def _grams(us, ut):
-    gss = torch.bmm(us, us.transpose(1, 2))
-    gst = torch.bmm(us, ut.transpose(1, 2))
-    gtt = torch.bmm(ut, ut.transpose(1, 2))
-    return gss.square().sum() + gtt.square().sum() - 2 * gst.square().sum(), gss, gst, gtt
+def _lowrank(us, ut, want_s, want_t, try_float32):
+    """The low-rank form on centred nodes.
+
+    With c the mean node and r_i = u_i - c (so sum_i r_i = 0), A = 1 1^T c.c + 1 p^T + p 1^T + R R^T,
+    p = R c. The difference D = A^s - A^t splits into E (the first three terms, rank <= 3) and
+    F = Rs Rs^T - Rt Rt^T, and <E, F> = 0 because R^T 1 = 0: sum D^2 = ||E||^2 + ||F||^2. ||E||^2 and
+    its gradient are O(M C) float64 vector work; only ||F||^2 needs the Gram matrices, now of the
+    residuals: post-ReLU features share a large mean direction, which no longer cancels.
+    """
+    m = us.shape[-1]
+    cs, ct = us.mean(2), ut.mean(2)  # (B, C)
+    rs, rt = us - cs[..., None], ut - ct[..., None]
+    alpha = cs.square().sum(1) - ct.square().sum(1)  # (B,)
+    q = torch.einsum("bcm,bc->bm", rs, cs) - torch.einsum("bcm,bc->bm", rt, ct)  # (B, M)
+    q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
+    loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum + 2 * q_sum.square()).sum()
+
+    if try_float32:
+        rs32, rt32 = rs.float(), rt.float()
+        loss_f, grams = _residual_grams(rs32, rt32)
+        if bool(_lowrank_error_estimate(rs, rt, *grams) <= FLOAT32_LOSS_RTOL * (loss_e + loss_f)):  # NaN fails
+            dus, dut = _residual_gradients(rs32, rt32, *grams, want_s, want_t)
+            return _add_mean_terms(loss_e + loss_f.double(), dus, dut, cs, ct, rs, rt, q, alpha, q_sum)
+    loss_f, grams = _residual_grams(rs, rt)
+    dus, dut = _residual_gradients(rs, rt, *grams, want_s, want_t)
+    return _add_mean_terms(loss_e + loss_f, dus, dut, cs, ct, rs, rt, q, alpha, q_sum)
 
 
-def _lowrank_gradients(us, ut, gss, gst, gtt, want_s, want_t):
-    # d/dUs sum (a^s - a^t)^2 = 4 (A^s - A^t) Us = 4 (Us Gss - Ut Gts) in node-row layout.
-    dus = torch.baddbmm(torch.bmm(gss, us), gst, ut, alpha=-4, beta=4) if want_s else None
-    dut = torch.baddbmm(torch.bmm(gtt, ut), gst.transpose(1, 2), us, alpha=-4, beta=4) if want_t else None
+def _residual_grams(rs, rt):
+    gss = torch.bmm(rs, rs.transpose(1, 2))
+    gst = torch.bmm(rs, rt.transpose(1, 2))
+    gtt = torch.bmm(rt, rt.transpose(1, 2))
+    return gss.square().sum() + gtt.square().sum() - 2 * gst.square().sum(), (gss, gst, gtt)
+
+
+def _residual_gradients(rs, rt, gss, gst, gtt, want_s, want_t):
+    # 4 F Us = 4 (Rs Gss - Rt Gts) in node-row layout (Rs^T Us = Rs^T Rs since Rs^T 1 = 0).
+    dus = torch.baddbmm(torch.bmm(gss, rs), gst, rt, alpha=-4, beta=4) if want_s else None
+    dut = torch.baddbmm(torch.bmm(gtt, rt), gst.transpose(1, 2), rs, alpha=-4, beta=4) if want_t else None
     return dus, dut
 
 
-def _lowrank_error_estimate(us, ut, gss, gst, gtt) -> torch.Tensor:
+def _add_mean_terms(loss, dus, dut, cs, ct, rs, rt, q, alpha, q_sum):
+    """Adds 4 E U (rank 2, float64) to the residual gradients: E U = 1 (alpha M c + (1.q) c + R^T q)^T
+    + M q c^T in node-row layout."""
+    m = rs.shape[-1]
+    if dus is not None:
+        dus = dus.double()
+        dus += 4 * ((alpha * m + q_sum)[:, None] * cs + torch.einsum("bcm,bm->bc", rs, q))[..., None]
+        dus += 4 * m * cs[..., None] * q[:, None, :]
+    if dut is not None:  # d/dUt = -4 D Ut; the residual part already carries its sign
+        dut = dut.double()
+        dut -= 4 * ((alpha * m + q_sum)[:, None] * ct + torch.einsum("bcm,bm->bc", rt, q))[..., None]
+        dut -= 4 * m * ct[..., None] * q[:, None, :]
+    return loss, dus, dut
+
+
+def _lowrank_error_estimate(rs, rt, gss, gst, gtt) -> torch.Tensor:
     """Statistical estimate of the float32 low-rank loss's rounding error.
 
     A float32 Gram entry G_ab = sum over M nodes carries an error of about 2^-24 sqrt(M) n_a n_b
     (n: the per-channel norms over the nodes; rounding errors of a blocked sum add like a random
-    walk, and the float32 rounding of u adds as much again). The loss sum_ab G_ab^2 (with signs)
-    then errs by about 2 sqrt(sum_ab (G_ab dG_ab)^2), counting |Gst| twice.
+    walk, and the float32 rounding of the inputs adds as much again). The loss sum_ab G_ab^2 (with
+    signs) then errs by about 2 sqrt(sum_ab (G_ab dG_ab)^2), counting |Gst| twice. Checked against
+    float64 on independent, correlated, post-ReLU and near-identical features (tests).
     """
-    ns, nt = us.norm(dim=2), ut.norm(dim=2)  # (B, C)
+    ns, nt = rs.norm(dim=2), rt.norm(dim=2)  # (B, C)
     outer = lambda a, b: a[:, :, None] * b[:, None, :]
     weighted = ((gss.double() * outer(ns, ns)).square().sum() + (gtt.double() * outer(nt, nt)).square().sum()
                 + 4 * (gst.double() * outer(ns, nt)).square().sum())
-    return 2 * 2.0**-23 * us.shape[-1] ** 0.5 * weighted.sqrt()
+    return 2 * 2.0**-23 * rs.shape[-1] ** 0.5 * weighted.sqrt()
 
 
 def _tiled(us, ut, want_s, want_t):

@@ -1,0 +1,155 @@
+"""The two fused passes of pair-wise distillation in Triton: features -> normalised float64 nodes,
+and the gradient back from nodes to features. The similarity core between them is float64 GEMMs
+(see skd_kernels/ops/pairwise.py).
+
+One program owns BLOCK_N nodes of one image and loops over channel blocks: a (BLOCK_C, BLOCK_N)
+tile per window offset, so for node size 1 each load is a coalesced run along a row of the map. The
+node norms need every channel, hence the second sweep that scales what the first one stored (L2
+hits). Same contract as csrc/cpu/pairwise.cpp: every feature element is read once, and every
+gradient element written once (zero where a max window did not pick it).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_C = 32
+_BLOCK_N = 64
+
+
+@triton.jit
+def _window(node, NW, KH, KW):
+    """Top-left corner of each node's window."""
+    return (node // NW) * KH, (node % NW) * KW
+
+
+@triton.jit
+def _nodes_forward_kernel(
+    x_ptr, u_ptr, inv_ptr, arg_ptr,
+    C, H, W, NW, M, KH, KW,
+    x_sb, x_sc, x_sh, x_sw,
+    POOLING: tl.constexpr, PAPER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(1)
+    node = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = node < M
+    h0, w0 = _window(node, NW, KH, KW)
+    count = (tl.minimum(h0 + KH, H) - h0) * (tl.minimum(w0 + KW, W) - w0)
+    sumsq = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    for c0 in range(0, C, BLOCK_C):
+        chan = c0 + tl.arange(0, BLOCK_C)
+        mask = (chan < C)[:, None] & n_mask[None, :]
+        if POOLING == 1:
+            acc = tl.full((BLOCK_C, BLOCK_N), float("-inf"), tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float64)
+        best = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.int32) + (h0 * W + w0)[None, :]
+        for dh in range(0, KH):
+            for dw in range(0, KW):
+                h = h0 + dh
+                w = w0 + dw
+                inside = mask & ((h < H) & (w < W))[None, :]
+                off = b * x_sb + chan[:, None] * x_sc + (h * x_sh + w * x_sw)[None, :]
+                v = tl.load(x_ptr + off, mask=inside, other=0.0).to(tl.float64)
+                if POOLING == 1:  # the first maximum, and NaN wins: as max_pool2d
+                    take = inside & ((v > acc) | (v != v)) & (acc == acc)
+                    acc = tl.where(take, v, acc)
+                    best = tl.where(take, (h * W + w)[None, :], best)
+                else:
+                    acc += v
+        if POOLING == 2:
+            acc = acc / count[None, :].to(tl.float64)
+        acc = tl.where(mask, acc, 0.0)
+        u_off = (b * C + chan[:, None]) * M + node[None, :]
+        tl.store(u_ptr + u_off, acc, mask=mask)
+        if POOLING == 1:
+            tl.store(arg_ptr + u_off, best, mask=mask)
+        sumsq += tl.sum(acc * acc, axis=0)
+    norm = tl.sqrt(sumsq)
+    if PAPER:
+        inv = 1.0 / tl.maximum(norm, 1e-12)
+    else:
+        inv = 1.0 / (norm + 1e-8)
+    tl.store(inv_ptr + b * M + node, inv, mask=n_mask)
+    for c0 in range(0, C, BLOCK_C):
+        chan = c0 + tl.arange(0, BLOCK_C)
+        mask = (chan < C)[:, None] & n_mask[None, :]
+        u_off = (b * C + chan[:, None]) * M + node[None, :]
+        tl.store(u_ptr + u_off, tl.load(u_ptr + u_off, mask=mask) * inv[None, :], mask=mask)
+
+
+@triton.jit
+def _nodes_backward_kernel(
+    u_ptr, inv_ptr, arg_ptr, du_ptr, g_ptr,
+    C, H, W, NW, M, KH, KW,
+    g_sb, g_sc, g_sh, g_sw,
+    POOLING: tl.constexpr, PAPER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(1)
+    node = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = node < M
+    h0, w0 = _window(node, NW, KH, KW)
+    count = (tl.minimum(h0 + KH, H) - h0) * (tl.minimum(w0 + KW, W) - w0)
+    inv = tl.load(inv_ptr + b * M + node, mask=n_mask, other=0.0)
+    # Paper form: the gradient through the norm projects out the radial part, unless the norm was
+    # clamped at 1e-12 (then it is a constant), as F.normalize.
+    radial = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    if PAPER:
+        for c0 in range(0, C, BLOCK_C):
+            chan = c0 + tl.arange(0, BLOCK_C)
+            mask = (chan < C)[:, None] & n_mask[None, :]
+            u_off = (b * C + chan[:, None]) * M + node[None, :]
+            u = tl.load(u_ptr + u_off, mask=mask, other=0.0)
+            radial += tl.sum(u * tl.load(du_ptr + u_off, mask=mask, other=0.0), axis=0)
+        radial = tl.where(inv < 1e12, radial, 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        chan = c0 + tl.arange(0, BLOCK_C)
+        mask = (chan < C)[:, None] & n_mask[None, :]
+        u_off = (b * C + chan[:, None]) * M + node[None, :]
+        u = tl.load(u_ptr + u_off, mask=mask, other=0.0)
+        dp = (tl.load(du_ptr + u_off, mask=mask, other=0.0) - u * radial[None, :]) * inv[None, :]
+        if POOLING == 2:
+            dp = dp / count[None, :].to(tl.float64)
+        if POOLING == 1:
+            best = tl.load(arg_ptr + u_off, mask=mask, other=-1)
+        for dh in range(0, KH):
+            for dw in range(0, KW):
+                h = h0 + dh
+                w = w0 + dw
+                inside = mask & ((h < H) & (w < W))[None, :]
+                g = dp
+                if POOLING == 1:
+                    g = tl.where(best == (h * W + w)[None, :], dp, 0.0)
+                off = b * g_sb + chan[:, None] * g_sc + (h * g_sh + w * g_sw)[None, :]
+                tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, strides):
+    b, c, h, w = features.shape
+    nw = -(-w // kernel_w)
+    m = -(-h // kernel_h) * nw
+    grid = (triton.cdiv(m, _BLOCK_N), b)
+    # Launch on the features' GPU, whatever the current one is.
+    guard = torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*tensors, c, h, w, nw, m, kernel_h, kernel_w, *strides, POOLING=pooling, PAPER=norm == 1,
+                     BLOCK_C=_BLOCK_C, BLOCK_N=_BLOCK_N, num_warps=4)
+
+
+def pairwise_nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax) -> None:
+    """Same contract as the C++/CUDA `pairwise_nodes_forward` (codes: pooling none/max/avg = 0/1/2,
+    norm official/paper = 0/1)."""
+    arg = argmax if argmax is not None else inv_norm  # never dereferenced without max pooling
+    _launch(_nodes_forward_kernel, features, kernel_h, kernel_w, pooling, norm,
+            (features, nodes, inv_norm, arg), features.stride())
+
+
+def pairwise_nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax, grad_nodes,
+                            grad_features) -> None:
+    """Same contract as the C++/CUDA `pairwise_nodes_backward`."""
+    arg = argmax if argmax is not None else inv_norm
+    _launch(_nodes_backward_kernel, features, kernel_h, kernel_w, pooling, norm,
+            (nodes, inv_norm, arg, grad_nodes, grad_features), grad_features.stride())
