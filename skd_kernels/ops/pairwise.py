@@ -138,18 +138,24 @@ def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: 
     first and keep them when their estimated rounding error is small (see `_lowrank_error_estimate`).
     """
     if algorithm == "lowrank":
-        return _lowrank(us, ut, want_s, want_t, try_float32)
+        result = _lowrank(us, ut, want_s, want_t, try_float32)
+        if result is not None:
+            return result
+        # The low-rank form cancels beyond even float64 here (student within ~1e-5 of the teacher);
+        # the tiled form subtracts the similarities themselves and stays exact.
     return _tiled(us, ut, want_s, want_t)
 
 
-# The float32 low-rank result is kept when its estimated relative error is below this; otherwise
-# (student close to teacher: the loss is a tiny difference of large Gram norms) it is recomputed in
-# float64. 1e-5 is about the rounding error of the official formula itself evaluated in float32.
+# A low-rank result is kept when its estimated relative error is below these: float32 (CPU, for
+# non-float64 input) at about the rounding error of the official formula itself evaluated in
+# float32; float64 at 1e-10. Otherwise: float64, then the tiled algorithm.
 FLOAT32_LOSS_RTOL = 1e-5
+FLOAT64_LOSS_RTOL = 1e-10
 
 
 def _lowrank(us, ut, want_s, want_t, try_float32):
-    """The low-rank form on centred nodes.
+    """The low-rank form on centred nodes, or None when its float64 rounding error would exceed
+    FLOAT64_LOSS_RTOL.
 
     With c the mean node and r_i = u_i - c (so sum_i r_i = 0), A = 1 1^T c.c + 1 p^T + p 1^T + R R^T,
     p = R c. The difference D = A^s - A^t splits into E (the first three terms, rank <= 3) and
@@ -159,21 +165,28 @@ def _lowrank(us, ut, want_s, want_t, try_float32):
     """
     m = us.shape[-1]
     cs, ct = us.mean(2), ut.mean(2)  # (B, C)
-    rs, rt = us - cs[..., None], ut - ct[..., None]
+    # Centred in place (restored below): the node backward needs u again, and this saves two buffers.
+    rs, rt = us.sub_(cs[..., None]), ut.sub_(ct[..., None])
     alpha = cs.square().sum(1) - ct.square().sum(1)  # (B,)
     q = torch.einsum("bcm,bc->bm", rs, cs) - torch.einsum("bcm,bc->bm", rt, ct)  # (B, M)
     q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
     loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum + 2 * q_sum.square()).sum()
 
-    if try_float32:
-        rs32, rt32 = rs.float(), rt.float()
-        loss_f, grams = _residual_grams(rs32, rt32)
-        if bool(_lowrank_error_estimate(rs, rt, *grams) <= FLOAT32_LOSS_RTOL * (loss_e + loss_f)):  # NaN fails
-            dus, dut = _residual_gradients(rs32, rt32, *grams, want_s, want_t)
-            return _add_mean_terms(loss_e + loss_f.double(), dus, dut, cs, ct, rs, rt, q, alpha, q_sum)
-    loss_f, grams = _residual_grams(rs, rt)
-    dus, dut = _residual_gradients(rs, rt, *grams, want_s, want_t)
-    return _add_mean_terms(loss_e + loss_f, dus, dut, cs, ct, rs, rt, q, alpha, q_sum)
+    result = None
+    for dtype, rtol in ((torch.float32, FLOAT32_LOSS_RTOL), (torch.float64, FLOAT64_LOSS_RTOL)):
+        if dtype == torch.float32 and not try_float32:
+            continue
+        r_s, r_t = rs.to(dtype), rt.to(dtype)
+        loss_f, grams = _residual_grams(r_s, r_t)
+        estimate = _lowrank_error_estimate(rs, rt, *grams, unit_roundoff=torch.finfo(dtype).eps / 2)
+        if bool(estimate <= rtol * (loss_e + loss_f.double())):  # NaN fails too
+            dus, dut = _residual_gradients(r_s, r_t, *grams, want_s, want_t)
+            del r_s, r_t, grams
+            result = _add_mean_terms(loss_e + loss_f.double(), dus, dut, cs, ct, rs, rt, q, alpha, q_sum)
+            break
+    us.add_(cs[..., None])
+    ut.add_(ct[..., None])
+    return result
 
 
 def _residual_grams(rs, rt):
@@ -197,18 +210,18 @@ def _add_mean_terms(loss, dus, dut, cs, ct, rs, rt, q, alpha, q_sum):
     if dus is not None:
         dus = dus.double()
         dus += 4 * ((alpha * m + q_sum)[:, None] * cs + torch.einsum("bcm,bm->bc", rs, q))[..., None]
-        dus += 4 * m * cs[..., None] * q[:, None, :]
+        dus.baddbmm_(cs[..., None], q[:, None, :], alpha=4 * m)
     if dut is not None:  # d/dUt = -4 D Ut; the residual part already carries its sign
         dut = dut.double()
         dut -= 4 * ((alpha * m + q_sum)[:, None] * ct + torch.einsum("bcm,bm->bc", rt, q))[..., None]
-        dut -= 4 * m * ct[..., None] * q[:, None, :]
+        dut.baddbmm_(ct[..., None], q[:, None, :], alpha=-4 * m)
     return loss, dus, dut
 
 
-def _lowrank_error_estimate(rs, rt, gss, gst, gtt) -> torch.Tensor:
-    """Statistical estimate of the float32 low-rank loss's rounding error.
+def _lowrank_error_estimate(rs, rt, gss, gst, gtt, unit_roundoff: float) -> torch.Tensor:
+    """Statistical estimate of the low-rank loss's rounding error.
 
-    A float32 Gram entry G_ab = sum over M nodes carries an error of about 2^-24 sqrt(M) n_a n_b
+    A Gram entry G_ab = sum over M nodes carries an error of about unit_roundoff sqrt(M) n_a n_b
     (n: the per-channel norms over the nodes; rounding errors of a blocked sum add like a random
     walk, and the float32 rounding of the inputs adds as much again). The loss sum_ab G_ab^2 (with
     signs) then errs by about 2 sqrt(sum_ab (G_ab dG_ab)^2), counting |Gst| twice. Checked against
@@ -218,7 +231,7 @@ def _lowrank_error_estimate(rs, rt, gss, gst, gtt) -> torch.Tensor:
     outer = lambda a, b: a[:, :, None] * b[:, None, :]
     weighted = ((gss.double() * outer(ns, ns)).square().sum() + (gtt.double() * outer(nt, nt)).square().sum()
                 + 4 * (gst.double() * outer(ns, nt)).square().sum())
-    return 2 * 2.0**-23 * rs.shape[-1] ** 0.5 * weighted.sqrt()
+    return 4 * unit_roundoff * rs.shape[-1] ** 0.5 * weighted.sqrt()
 
 
 def _tiled(us, ut, want_s, want_t):
@@ -259,14 +272,12 @@ class _Nodes:
         else:
             _node_pass(backend, "forward", self)
 
-    def backward(self, grad_u: torch.Tensor) -> torch.Tensor:
-        """d loss / d features from d loss / d u, in the features' dtype."""
-        grad = torch.empty_like(self.features)
+    def backward(self, grad_u: torch.Tensor, grad: torch.Tensor) -> None:
+        """Writes d loss / d features, from d loss / d u, into `grad` (the features' shape and dtype)."""
         if self.backend == "torch":
             self._torch_backward(grad_u, grad)
         else:
             _node_pass(self.backend, "backward", self, grad_u, grad)
-        return grad
 
     # The PyTorch fallback: the same two passes from stock ops. Custom-op kernels run below autograd,
     # so the pooling's backward is called directly.
@@ -339,9 +350,10 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
         total += loss
         # The core's gradients are of the unscaled sum; the loss divides it by M^2 and B.
         if want_s:
-            gs[part] = ns.backward(dus.mul_(1.0 / (m * m * b)))
+            ns.backward(dus.mul_(1.0 / (m * m * b)), gs[part])
         if want_t:
-            gt[part] = nt.backward(dut.mul_(1.0 / (m * m * b)))
+            nt.backward(dut.mul_(1.0 / (m * m * b)), gt[part])
+        del ns, nt, dus, dut
     loss = (total / (m * m * b)).to(_loss_dtype(student))
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()

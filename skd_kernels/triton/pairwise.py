@@ -69,10 +69,12 @@ def _nodes_forward_kernel(
             tl.store(arg_ptr + u_off, best, mask=mask)
         sumsq += tl.sum(acc * acc, axis=0)
     norm = tl.sqrt(sumsq)
+    # float64 constants: a bare literal is float32, and 1e-12 or 1e-8 rounded to float32 would shift
+    # the normaliser of (near-)zero nodes by 1e-8 relative.
     if PAPER:
-        inv = 1.0 / tl.maximum(norm, 1e-12)
+        inv = 1.0 / tl.maximum(norm, tl.full([], 1e-12, tl.float64))
     else:
-        inv = 1.0 / (norm + 1e-8)
+        inv = 1.0 / (norm + tl.full([], 1e-8, tl.float64))
     tl.store(inv_ptr + b * M + node, inv, mask=n_mask)
     for c0 in range(0, C, BLOCK_C):
         chan = c0 + tl.arange(0, BLOCK_C)
@@ -104,7 +106,7 @@ def _nodes_backward_kernel(
             u_off = (b * C + chan[:, None]) * M + node[None, :]
             u = tl.load(u_ptr + u_off, mask=mask, other=0.0)
             radial += tl.sum(u * tl.load(du_ptr + u_off, mask=mask, other=0.0), axis=0)
-        radial = tl.where(inv < 1e12, radial, 0.0)
+        radial = tl.where(inv < tl.full([], 1e12, tl.float64), radial, 0.0)
     for c0 in range(0, C, BLOCK_C):
         chan = c0 + tl.arange(0, BLOCK_C)
         mask = (chan < C)[:, None] & n_mask[None, :]
@@ -124,6 +126,8 @@ def _nodes_backward_kernel(
                 if POOLING == 1:
                     g = tl.where(best == (h * W + w)[None, :], dp, 0.0)
                 off = b * g_sb + chan[:, None] * g_sc + (h * g_sh + w * g_sw)[None, :]
+                if g_ptr.dtype.element_ty != tl.float64:  # the interpreter mis-converts f64 -> bf16
+                    g = g.to(tl.float32)
                 tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=inside)
 
 
