@@ -80,18 +80,53 @@ void pairwise_nodes_forward(const at::Tensor& features, int64_t kernel_h, int64_
   run(features, p, skd::cpu::pairwise_nodes_forward, SKD_CUDA_PASS(pairwise_nodes_forward));
 }
 
+double* optional_vector(const std::optional<at::Tensor>& t, int64_t numel, const at::Tensor& like, const char* name) {
+  if (!t) return nullptr;
+  check_buffer(*t, at::kDouble, numel, name);
+  TORCH_CHECK(t->device() == like.device(), "skd_kernels: ", name, " must be on the features' device");
+  return t->data_ptr<double>();
+}
+
 void pairwise_nodes_backward(const at::Tensor& features, int64_t kernel_h, int64_t kernel_w, int64_t pooling,
                              int64_t norm, const at::Tensor& nodes, const at::Tensor& inv_norm,
-                             const std::optional<at::Tensor>& argmax, const at::Tensor& grad_nodes,
+                             const std::optional<at::Tensor>& argmax, const at::Tensor& grad_residual,
+                             const std::optional<at::Tensor>& grad_bias, const std::optional<at::Tensor>& grad_outer_c,
+                             const std::optional<at::Tensor>& grad_outer_q, double grad_scale,
                              at::Tensor& grad_features) {
   auto p = make_problem(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax);
-  check_buffer(grad_nodes, at::kDouble, nodes.numel(), "grad_nodes");
+  TORCH_CHECK(grad_residual.scalar_type() == at::kFloat || grad_residual.scalar_type() == at::kDouble,
+              "skd_kernels: grad_residual must be float32 or float64");
+  check_buffer(grad_residual, grad_residual.scalar_type(), nodes.numel(), "grad_residual");
   TORCH_CHECK(grad_features.sizes() == features.sizes() && grad_features.dtype() == features.dtype() &&
-                  grad_features.device() == features.device() && grad_nodes.device() == features.device(),
+                  grad_features.device() == features.device() && grad_residual.device() == features.device(),
               "skd_kernels: grad_features must match the features");
-  p.grad_nodes = grad_nodes.data_ptr<double>();
+  TORCH_CHECK(grad_outer_c.has_value() == grad_outer_q.has_value(), "skd_kernels: outer terms come in pairs");
+  const int64_t m = p.nodes_h * p.nodes_w;
+  p.grad_residual = grad_residual.data_ptr();
+  p.grad_dtype = skd::dtype_of(grad_residual);
+  p.grad_bias = optional_vector(grad_bias, p.batch * p.channels, features, "grad_bias");
+  p.grad_outer_c = optional_vector(grad_outer_c, p.batch * p.channels, features, "grad_outer_c");
+  p.grad_outer_q = optional_vector(grad_outer_q, p.batch * m, features, "grad_outer_q");
+  p.grad_scale = grad_scale;
   p.grad_features = grad_features.data_ptr(); skd::copy_strides(grad_features, p.grad_strides);
   run(features, p, skd::cpu::pairwise_nodes_backward, SKD_CUDA_PASS(pairwise_nodes_backward));
+}
+
+void pairwise_centre(const at::Tensor& nodes, at::Tensor& residual, at::Tensor& mean, at::Tensor& q,
+                     at::Tensor& sumsq) {
+  TORCH_CHECK(nodes.is_cpu() && nodes.dim() == 3, "skd_kernels: pairwise_centre takes CPU nodes (B, C, M)");
+  const int64_t b = nodes.size(0), c = nodes.size(1), m = nodes.size(2);
+  check_buffer(nodes, at::kDouble, b * c * m, "nodes");
+  TORCH_CHECK(residual.scalar_type() == at::kFloat || residual.scalar_type() == at::kDouble,
+              "skd_kernels: residual must be float32 or float64");
+  check_buffer(residual, residual.scalar_type(), b * c * m, "residual");
+  check_buffer(mean, at::kDouble, b * c, "mean");
+  check_buffer(q, at::kDouble, b * m, "q");
+  check_buffer(sumsq, at::kDouble, b * c, "sumsq");
+  for (const at::Tensor* t : {&residual, &mean, &q, &sumsq}) TORCH_CHECK(t->is_cpu(), "skd_kernels: CPU buffers only");
+  skd::PairwiseCentreProblem p{b, c, m, nodes.data_ptr<double>(), residual.data_ptr(), skd::dtype_of(residual),
+                               mean.data_ptr<double>(), q.data_ptr<double>(), sumsq.data_ptr<double>()};
+  skd::cpu::pairwise_centre(p);
 }
 
 const skd::BindingRegistration registration([](pybind11::module_& m) {
@@ -99,6 +134,8 @@ const skd::BindingRegistration registration([](pybind11::module_& m) {
         "Pool, normalise and transpose features (B, C, H, W) into float64 nodes (B, C, M)");
   m.def("pairwise_nodes_backward", &pairwise_nodes_backward,
         "Gradient of the node pass: d loss / d nodes (B, C, M) -> d loss / d features (B, C, H, W)");
+  m.def("pairwise_centre", &pairwise_centre,
+        "Centre float64 nodes (B, C, M) over the nodes: residual, mean, q = r . mean, per-channel sum of r^2");
 });
 
 }  // namespace

@@ -30,10 +30,24 @@ struct PairwiseNodesProblem {
   double* nodes;
   double* inv_norm;
   int32_t* argmax;
-  // Backward: d loss / d u (B, C, M), read; d loss / d features written in the features' dtype,
-  // every element exactly once (zero where a max window did not pick it).
-  const double* grad_nodes;
+  // Backward: d loss / d u, given as the similarity core leaves it (B, C, M):
+  //   grad_scale * (grad_residual[b, c, m] + grad_bias[b, c] + grad_outer_c[b, c] * grad_outer_q[b, m]),
+  // the residual part in float32 or float64 and the low-rank core's rank-2 mean terms in float64
+  // (nullptr: absent). d loss / d features is written in the features' dtype, every element exactly
+  // once (zero where a max window did not pick it).
+  const void* grad_residual; DType grad_dtype;
+  const double* grad_bias; const double* grad_outer_c; const double* grad_outer_q;
+  double grad_scale;
   void* grad_features; int64_t grad_strides[4];
+};
+
+// Centring of the nodes for the low-rank core (CPU): c = mean over nodes (B, C); r = u - c written
+// as float32 or float64 (B, C, M); q[b, m] = sum_c r c; sumsq[b, c] = sum_m r^2.
+struct PairwiseCentreProblem {
+  int64_t batch, channels, nodes;
+  const double* nodes_in;
+  void* residual; DType residual_dtype;
+  double* mean; double* q; double* sumsq;
 };
 
 }  // namespace skd

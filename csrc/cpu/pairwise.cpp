@@ -75,17 +75,33 @@ void nodes_forward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
   }
 }
 
+// d loss / d u for one channel's nodes [first, first + n) of image b (see PairwiseNodesProblem).
+void load_grad_u(const PairwiseNodesProblem& p, int64_t b, int64_t c, int64_t first, int64_t n, double* du) {
+  const int64_t m = p.nodes_h * p.nodes_w, row = (b * p.channels + c) * m + first;
+  if (p.grad_dtype == DType::Float32) {
+    const float* res = static_cast<const float*>(p.grad_residual) + row;
+    for (int64_t j = 0; j < n; ++j) du[j] = res[j];
+  } else {
+    const double* res = static_cast<const double*>(p.grad_residual) + row;
+    for (int64_t j = 0; j < n; ++j) du[j] = res[j];
+  }
+  const double bias = p.grad_bias ? p.grad_bias[b * p.channels + c] : 0.0;
+  const double outer = p.grad_outer_c ? p.grad_outer_c[b * p.channels + c] : 0.0;
+  const double* q = p.grad_outer_q ? p.grad_outer_q + b * m + first : nullptr;
+  for (int64_t j = 0; j < n; ++j) du[j] = p.grad_scale * (du[j] + bias + (q ? outer * q[j] : 0.0));
+}
+
 template <typename Scalar>
 void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
   const int64_t nw = p.nodes_w, m = p.nodes_h * nw, first = i * nw;
   const double* inv = p.inv_norm + b * m + first;
+  std::vector<double> du(nw), radial(nw, 0.0);
   // Paper form: d p = (d u - u (u . d u)) / ||p||, the projection that the gradient through the norm
   // adds; below the 1e-12 clamp the norm is a constant and only d u / 1e-12 remains (F.normalize).
-  std::vector<double> radial(nw, 0.0);
   if (p.norm == NodeNorm::Paper) {
     for (int64_t c = 0; c < p.channels; ++c) {
       const double* u = p.nodes + (b * p.channels + c) * m + first;
-      const double* du = p.grad_nodes + (b * p.channels + c) * m + first;
+      load_grad_u(p, b, c, first, nw, du.data());
       for (int64_t j = 0; j < nw; ++j) radial[j] += u[j] * du[j];
     }
     for (int64_t j = 0; j < nw; ++j) if (inv[j] >= 1e12) radial[j] = 0.0;
@@ -94,7 +110,7 @@ void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
   Scalar* base = static_cast<Scalar*>(p.grad_features) + b * gs[0];
   for (int64_t c = 0; c < p.channels; ++c) {
     const double* u = p.nodes + (b * p.channels + c) * m + first;
-    const double* du = p.grad_nodes + (b * p.channels + c) * m + first;
+    load_grad_u(p, b, c, first, nw, du.data());
     const int32_t* arg = p.argmax ? p.argmax + (b * p.channels + c) * m + first : nullptr;
     Scalar* plane = base + c * gs[1];
     for (int64_t j = 0; j < nw; ++j) {
@@ -112,6 +128,49 @@ void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
           store(row + w * gs[3], g);
         }
       }
+    }
+  }
+}
+
+template <typename Residual>
+void centre(const PairwiseCentreProblem& p) {
+  const int64_t C = p.channels, M = p.nodes;
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < p.batch * C; ++bc) {
+    const double* u = p.nodes_in + bc * M;
+    double sum = 0.0;
+    for (int64_t k = 0; k < M; ++k) sum += u[k];
+    p.mean[bc] = sum / double(M);
+  }
+  // Over chunks of nodes: q sums over channels, so a chunk owns its q; the per-channel sums of
+  // squares are partial per chunk and added up after.
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  std::vector<double> partial(p.batch * chunks * C, 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t work = 0; work < p.batch * chunks; ++work) {
+    const int64_t b = work / chunks, k0 = (work % chunks) * kChunk, n = std::min(kChunk, M - k0);
+    double q[kChunk] = {};
+    for (int64_t c = 0; c < C; ++c) {
+      const double mean = p.mean[b * C + c];
+      const double* u = p.nodes_in + (b * C + c) * M + k0;
+      Residual* r = static_cast<Residual*>(p.residual) + (b * C + c) * M + k0;
+      double sumsq = 0.0;
+      for (int64_t k = 0; k < n; ++k) {
+        const double v = u[k] - mean;
+        r[k] = static_cast<Residual>(v);
+        q[k] += v * mean;
+        sumsq += v * v;
+      }
+      partial[work * C + c] = sumsq;
+    }
+    for (int64_t k = 0; k < n; ++k) p.q[b * M + k0 + k] = q[k];
+  }
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      double sumsq = 0.0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sumsq += partial[(b * chunks + chunk) * C + c];
+      p.sumsq[b * C + c] = sumsq;
     }
   }
 }
@@ -140,5 +199,10 @@ template <typename Scalar> struct Backward { static void run(const PairwiseNodes
 
 void pairwise_nodes_forward(const PairwiseNodesProblem& p) { dispatch<Forward>(p); }
 void pairwise_nodes_backward(const PairwiseNodesProblem& p) { dispatch<Backward>(p); }
+
+void pairwise_centre(const PairwiseCentreProblem& p) {
+  if (p.residual_dtype == DType::Float32) centre<float>(p);
+  else centre<double>(p);
+}
 
 }  // namespace skd::cpu

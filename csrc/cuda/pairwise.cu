@@ -57,6 +57,16 @@ __global__ void nodes_forward_kernel(PairwiseNodesProblem p) {
   for (int64_t c = 0; c < p.channels; ++c) p.nodes[(b * p.channels + c) * m + node] *= inv;
 }
 
+// d loss / d u of one node and channel (see PairwiseNodesProblem).
+__device__ __forceinline__ double grad_u(const PairwiseNodesProblem& p, int64_t b, int64_t c, int64_t node, int64_t m) {
+  const int64_t k = (b * p.channels + c) * m + node;
+  double g = p.grad_dtype == DType::Float32 ? double(static_cast<const float*>(p.grad_residual)[k])
+                                            : static_cast<const double*>(p.grad_residual)[k];
+  if (p.grad_bias) g += p.grad_bias[b * p.channels + c];
+  if (p.grad_outer_c) g += p.grad_outer_c[b * p.channels + c] * p.grad_outer_q[b * m + node];
+  return p.grad_scale * g;
+}
+
 template <typename Scalar>
 __global__ void nodes_backward_kernel(PairwiseNodesProblem p) {
   const int64_t m = p.nodes_h * p.nodes_w;
@@ -69,17 +79,14 @@ __global__ void nodes_backward_kernel(PairwiseNodesProblem p) {
   // clamped at 1e-12 (then it is a constant), as F.normalize.
   double radial = 0.0;
   if (p.norm == NodeNorm::Paper && inv < 1e12) {
-    for (int64_t c = 0; c < p.channels; ++c) {
-      const int64_t k = (b * p.channels + c) * m + node;
-      radial += p.nodes[k] * p.grad_nodes[k];
-    }
+    for (int64_t c = 0; c < p.channels; ++c) radial += p.nodes[(b * p.channels + c) * m + node] * grad_u(p, b, c, node, m);
   }
   const int64_t* gs = p.grad_strides;
   Scalar* base = static_cast<Scalar*>(p.grad_features) + b * gs[0];
   const double count = double((win.h1 - win.h0) * (win.w1 - win.w0));
   for (int64_t c = 0; c < p.channels; ++c) {
     const int64_t k = (b * p.channels + c) * m + node;
-    const double dp = (p.grad_nodes[k] - p.nodes[k] * radial) * inv;
+    const double dp = (grad_u(p, b, c, node, m) - p.nodes[k] * radial) * inv;
     Scalar* plane = base + c * gs[1];
     for (int64_t h = win.h0; h < win.h1; ++h) {
       for (int64_t w = win.w0; w < win.w1; ++w) {

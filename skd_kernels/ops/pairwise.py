@@ -26,7 +26,7 @@ them for little extra work); autograd keeps them and the backward only scales th
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -129,16 +129,49 @@ def choose_algorithm(nodes: int, student_channels: int, teacher_channels: int, w
     return "tiled" if tiled < lowrank else "lowrank"
 
 
+class NodeGrad(NamedTuple):
+    """d loss / d u as the core leaves it: residual[b, c, m] + bias[b, c] + outer_c[b, c] * outer_q[b, m],
+    the residual in float32 or float64, the low-rank form's rank-2 mean terms in float64 (or None),
+    all of the unscaled sum (the node backward applies 1 / (M^2 B))."""
+    residual: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    outer_c: Optional[torch.Tensor] = None
+    outer_q: Optional[torch.Tensor] = None
+
+    def dense(self) -> torch.Tensor:
+        grad = self.residual.double()
+        if self.bias is not None:
+            grad = grad + self.bias[..., None] + self.outer_c[..., None] * self.outer_q[:, None, :]
+        return grad
+
+
+class Centred(NamedTuple):
+    """Nodes centred over the nodes: residual r = u - mean (B, C, M) in the core's dtype, mean (B, C),
+    q = r . mean (B, M) and the per-channel sums of r^2 (B, C), those three in float64."""
+    residual: torch.Tensor
+    mean: torch.Tensor
+    q: torch.Tensor
+    sumsq: torch.Tensor
+
+
+def centre_nodes(u: torch.Tensor, dtype: torch.dtype) -> Centred:
+    """Stock-PyTorch centring (the CPU backend fuses it: csrc/cpu/pairwise.cpp `pairwise_centre`)."""
+    mean = u.mean(2)
+    r = u - mean[..., None]
+    return Centred(r.to(dtype), mean, torch.einsum("bcm,bc->bm", r, mean), r.square().sum(2))
+
+
 def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: bool, want_t: bool,
-                    try_float32: bool = False):
+                    try_float32: bool = False, centre=centre_nodes):
     """sum_b ||Us_b^T Us_b - Ut_b^T Ut_b||_F^2 and its gradients with respect to Us, Ut.
 
-    us (B, Cs, M), ut (B, Ct, M): float64 nodes, one column per node. Returns (loss, dus or None,
-    dut or None), the loss a 0-d float64 tensor. `try_float32`: run the low-rank products in float32
-    first and keep them when their estimated rounding error is small (see `_lowrank_error_estimate`).
+    us (B, Cs, M), ut (B, Ct, M): float64 nodes, one column per node. Returns (loss, NodeGrad or
+    None for Us, for Ut), the loss a 0-d float64 tensor. `try_float32`: run the low-rank products
+    in float32 first and keep them when their estimated rounding error is small. `centre(u, dtype)`
+    gives the `Centred` nodes.
     """
     if algorithm == "lowrank":
-        result = _lowrank(us, ut, want_s, want_t, try_float32)
+        result = _lowrank(us, ut, want_s, want_t, try_float32, centre)
         if result is not None:
             return result
         # The low-rank form cancels beyond even float64 here (student within ~1e-5 of the teacher);
@@ -153,7 +186,7 @@ FLOAT32_LOSS_RTOL = 1e-5
 FLOAT64_LOSS_RTOL = 1e-10
 
 
-def _lowrank(us, ut, want_s, want_t, try_float32):
+def _lowrank(us, ut, want_s, want_t, try_float32, centre):
     """The low-rank form on centred nodes, or None when its float64 rounding error would exceed
     FLOAT64_LOSS_RTOL.
 
@@ -164,29 +197,40 @@ def _lowrank(us, ut, want_s, want_t, try_float32):
     residuals: post-ReLU features share a large mean direction, which no longer cancels.
     """
     m = us.shape[-1]
-    cs, ct = us.mean(2), ut.mean(2)  # (B, C)
-    # Centred in place (restored below): the node backward needs u again, and this saves two buffers.
-    rs, rt = us.sub_(cs[..., None]), ut.sub_(ct[..., None])
-    alpha = cs.square().sum(1) - ct.square().sum(1)  # (B,)
-    q = torch.einsum("bcm,bc->bm", rs, cs) - torch.einsum("bcm,bc->bm", rt, ct)  # (B, M)
-    q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
-    loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum + 2 * q_sum.square()).sum()
-
-    result = None
     for dtype, rtol in ((torch.float32, FLOAT32_LOSS_RTOL), (torch.float64, FLOAT64_LOSS_RTOL)):
         if dtype == torch.float32 and not try_float32:
             continue
-        r_s, r_t = rs.to(dtype), rt.to(dtype)
-        loss_f, grams = _residual_grams(r_s, r_t)
-        estimate = _lowrank_error_estimate(rs, rt, *grams, unit_roundoff=torch.finfo(dtype).eps / 2)
-        if bool(estimate <= rtol * (loss_e + loss_f.double())):  # NaN fails too
-            dus, dut = _residual_gradients(r_s, r_t, *grams, want_s, want_t)
-            del r_s, r_t, grams
-            result = _add_mean_terms(loss_e + loss_f.double(), dus, dut, cs, ct, rs, rt, q, alpha, q_sum)
-            break
-    us.add_(cs[..., None])
-    ut.add_(ct[..., None])
-    return result
+        s, t = centre(us, dtype), centre(ut, dtype)
+        alpha = s.mean.square().sum(1) - t.mean.square().sum(1)  # (B,)
+        q = s.q - t.q  # (B, M)
+        q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
+        loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum
+                  + 2 * q_sum.square()).sum()
+        loss_f, grams = _residual_grams(s.residual, t.residual)
+        estimate = _lowrank_error_estimate(s.sumsq.sqrt(), t.sumsq.sqrt(), *grams, nodes=m,
+                                           unit_roundoff=torch.finfo(dtype).eps / 2)
+        loss = loss_e + loss_f.double()
+        if not bool(estimate <= rtol * loss):  # NaN fails too
+            continue
+        gss, gst, gtt = grams
+        # 4 D U = 4 (F U + E U); F Us = Rs Gss - Rt Gts in node-row layout (Rs^T Us = Rs^T Rs since
+        # Rs^T 1 = 0), and E Us = 1 (alpha M c + (1.q) c + Rs^T q)^T + M q c^T.
+        grad_s = grad_t = None
+        if want_s:
+            residual = torch.baddbmm(torch.bmm(gss, s.residual), gst, t.residual, alpha=-4, beta=4)
+            bias = 4 * ((alpha * m + q_sum)[:, None] * s.mean + _times(s.residual, q))
+            grad_s = NodeGrad(residual, bias, 4 * m * s.mean, q)
+        if want_t:  # d/dUt = -4 D Ut
+            residual = torch.baddbmm(torch.bmm(gtt, t.residual), gst.transpose(1, 2), s.residual, alpha=-4, beta=4)
+            bias = -4 * ((alpha * m + q_sum)[:, None] * t.mean + _times(t.residual, q))
+            grad_t = NodeGrad(residual, bias, -4 * m * t.mean, q)
+        return loss, grad_s, grad_t
+    return None
+
+
+def _times(residual, q):
+    """R^T q per image, (B, C), in float64."""
+    return torch.bmm(residual, q.to(residual.dtype)[..., None])[..., 0].double()
 
 
 def _residual_grams(rs, rt):
@@ -196,42 +240,19 @@ def _residual_grams(rs, rt):
     return gss.square().sum() + gtt.square().sum() - 2 * gst.square().sum(), (gss, gst, gtt)
 
 
-def _residual_gradients(rs, rt, gss, gst, gtt, want_s, want_t):
-    # 4 F Us = 4 (Rs Gss - Rt Gts) in node-row layout (Rs^T Us = Rs^T Rs since Rs^T 1 = 0).
-    dus = torch.baddbmm(torch.bmm(gss, rs), gst, rt, alpha=-4, beta=4) if want_s else None
-    dut = torch.baddbmm(torch.bmm(gtt, rt), gst.transpose(1, 2), rs, alpha=-4, beta=4) if want_t else None
-    return dus, dut
-
-
-def _add_mean_terms(loss, dus, dut, cs, ct, rs, rt, q, alpha, q_sum):
-    """Adds 4 E U (rank 2, float64) to the residual gradients: E U = 1 (alpha M c + (1.q) c + R^T q)^T
-    + M q c^T in node-row layout."""
-    m = rs.shape[-1]
-    if dus is not None:
-        dus = dus.double()
-        dus += 4 * ((alpha * m + q_sum)[:, None] * cs + torch.einsum("bcm,bm->bc", rs, q))[..., None]
-        dus.baddbmm_(cs[..., None], q[:, None, :], alpha=4 * m)
-    if dut is not None:  # d/dUt = -4 D Ut; the residual part already carries its sign
-        dut = dut.double()
-        dut -= 4 * ((alpha * m + q_sum)[:, None] * ct + torch.einsum("bcm,bm->bc", rt, q))[..., None]
-        dut.baddbmm_(ct[..., None], q[:, None, :], alpha=-4 * m)
-    return loss, dus, dut
-
-
-def _lowrank_error_estimate(rs, rt, gss, gst, gtt, unit_roundoff: float) -> torch.Tensor:
+def _lowrank_error_estimate(ns, nt, gss, gst, gtt, nodes: int, unit_roundoff: float) -> torch.Tensor:
     """Statistical estimate of the low-rank loss's rounding error.
 
     A Gram entry G_ab = sum over M nodes carries an error of about unit_roundoff sqrt(M) n_a n_b
-    (n: the per-channel norms over the nodes; rounding errors of a blocked sum add like a random
-    walk, and the float32 rounding of the inputs adds as much again). The loss sum_ab G_ab^2 (with
+    (n: the per-channel norms over the nodes, (B, C); rounding errors of a blocked sum add like a
+    random walk, and the rounding of the inputs adds as much again). The loss sum_ab G_ab^2 (with
     signs) then errs by about 2 sqrt(sum_ab (G_ab dG_ab)^2), counting |Gst| twice. Checked against
     float64 on independent, correlated, post-ReLU and near-identical features (tests).
     """
-    ns, nt = rs.norm(dim=2), rt.norm(dim=2)  # (B, C)
     outer = lambda a, b: a[:, :, None] * b[:, None, :]
     weighted = ((gss.double() * outer(ns, ns)).square().sum() + (gtt.double() * outer(nt, nt)).square().sum()
                 + 4 * (gst.double() * outer(ns, nt)).square().sum())
-    return 4 * unit_roundoff * rs.shape[-1] ** 0.5 * weighted.sqrt()
+    return 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
 
 
 def _tiled(us, ut, want_s, want_t):
@@ -250,7 +271,7 @@ def _tiled(us, ut, want_s, want_t):
             dus[:, :, block] = torch.bmm(us, diff.transpose(1, 2)).mul_(4)
         if want_t:
             dut[:, :, block] = torch.bmm(ut, diff.transpose(1, 2)).mul_(-4)
-    return loss, dus, dut
+    return loss, NodeGrad(dus) if want_s else None, NodeGrad(dut) if want_t else None
 
 
 # --- the node passes, per backend -----------------------------------------------------------------
@@ -272,12 +293,22 @@ class _Nodes:
         else:
             _node_pass(backend, "forward", self)
 
-    def backward(self, grad_u: torch.Tensor, grad: torch.Tensor) -> None:
-        """Writes d loss / d features, from d loss / d u, into `grad` (the features' shape and dtype)."""
+    def backward(self, grad_u: NodeGrad, scale: float, grad: torch.Tensor) -> None:
+        """Writes d loss / d features, from scale * d loss / d u, into `grad` (the features' shape and dtype)."""
         if self.backend == "torch":
-            self._torch_backward(grad_u, grad)
+            self._torch_backward(grad_u.dense() * scale, grad)
         else:
-            _node_pass(self.backend, "backward", self, grad_u, grad)
+            _node_pass(self.backend, "backward", self, *grad_u, scale, grad)
+
+    def centre(self, dtype: torch.dtype) -> Centred:
+        """The centred nodes for the low-rank core; fused on the CPU backend."""
+        if self.backend != "cpu":
+            return centre_nodes(self.u, dtype)
+        b, c, m = self.u.shape
+        out = Centred(torch.empty((b, c, m), dtype=dtype), torch.empty((b, c), dtype=torch.float64),
+                      torch.empty((b, m), dtype=torch.float64), torch.empty((b, c), dtype=torch.float64))
+        load_extension("cpu").pairwise_centre(self.u, *out)
+        return out
 
     # The PyTorch fallback: the same two passes from stock ops. Custom-op kernels run below autograd,
     # so the pooling's backward is called directly.
@@ -345,15 +376,20 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
     for part in _chunks(student, teacher, m):
         ns = _Nodes(student[part], kernel, pooling, normalization, backend)
         nt = _Nodes(teacher[part], kernel, pooling, normalization, backend)
-        loss, dus, dut = similarity_core(ns.u, nt.u, algorithm, want_s, want_t,
-                                         try_float32=student.device.type == "cpu" and student.dtype != torch.float64)
+
+        def centre(u, dtype):
+            return (ns if u is ns.u else nt).centre(dtype)
+
+        loss, grad_s, grad_t = similarity_core(
+            ns.u, nt.u, algorithm, want_s, want_t,
+            try_float32=student.device.type == "cpu" and student.dtype != torch.float64, centre=centre)
         total += loss
         # The core's gradients are of the unscaled sum; the loss divides it by M^2 and B.
         if want_s:
-            ns.backward(dus.mul_(1.0 / (m * m * b)), gs[part])
+            ns.backward(grad_s, 1.0 / (m * m * b), gs[part])
         if want_t:
-            nt.backward(dut.mul_(1.0 / (m * m * b)), gt[part])
-        del ns, nt, dus, dut
+            nt.backward(grad_t, 1.0 / (m * m * b), gt[part])
+        del ns, nt, grad_s, grad_t
     loss = (total / (m * m * b)).to(_loss_dtype(student))
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()

@@ -84,11 +84,25 @@ def _nodes_forward_kernel(
 
 
 @triton.jit
+def _grad_u(du_ptr, bias_ptr, oc_ptr, oq_ptr, grad_scale, b, chan, node, C, M, mask, MEAN_TERMS: tl.constexpr):
+    """d loss / d u of a (BLOCK_C, BLOCK_N) tile (see csrc/common/pairwise_problem.h)."""
+    g = tl.load(du_ptr + (b * C + chan[:, None]) * M + node[None, :], mask=mask, other=0.0).to(tl.float64)
+    if MEAN_TERMS:
+        c_mask = chan < C
+        bias = tl.load(bias_ptr + b * C + chan, mask=c_mask, other=0.0)
+        outer_c = tl.load(oc_ptr + b * C + chan, mask=c_mask, other=0.0)
+        outer_q = tl.load(oq_ptr + b * M + node, mask=node < M, other=0.0)
+        g += bias[:, None] + outer_c[:, None] * outer_q[None, :]
+    return g * grad_scale
+
+
+@triton.jit
 def _nodes_backward_kernel(
-    u_ptr, inv_ptr, arg_ptr, du_ptr, g_ptr,
+    u_ptr, inv_ptr, arg_ptr, du_ptr, bias_ptr, oc_ptr, oq_ptr, scale_ptr, g_ptr,
     C, H, W, NW, M, KH, KW,
     g_sb, g_sc, g_sh, g_sw,
-    POOLING: tl.constexpr, PAPER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    POOLING: tl.constexpr, PAPER: tl.constexpr, MEAN_TERMS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(1)
     node = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,6 +110,7 @@ def _nodes_backward_kernel(
     h0, w0 = _window(node, NW, KH, KW)
     count = (tl.minimum(h0 + KH, H) - h0) * (tl.minimum(w0 + KW, W) - w0)
     inv = tl.load(inv_ptr + b * M + node, mask=n_mask, other=0.0)
+    grad_scale = tl.load(scale_ptr)  # float64 in memory: a scalar argument would be rounded to float32
     # Paper form: the gradient through the norm projects out the radial part, unless the norm was
     # clamped at 1e-12 (then it is a constant), as F.normalize.
     radial = tl.zeros((BLOCK_N,), dtype=tl.float64)
@@ -105,14 +120,16 @@ def _nodes_backward_kernel(
             mask = (chan < C)[:, None] & n_mask[None, :]
             u_off = (b * C + chan[:, None]) * M + node[None, :]
             u = tl.load(u_ptr + u_off, mask=mask, other=0.0)
-            radial += tl.sum(u * tl.load(du_ptr + u_off, mask=mask, other=0.0), axis=0)
+            du = _grad_u(du_ptr, bias_ptr, oc_ptr, oq_ptr, grad_scale, b, chan, node, C, M, mask, MEAN_TERMS)
+            radial += tl.sum(u * du, axis=0)
         radial = tl.where(inv < tl.full([], 1e12, tl.float64), radial, 0.0)
     for c0 in range(0, C, BLOCK_C):
         chan = c0 + tl.arange(0, BLOCK_C)
         mask = (chan < C)[:, None] & n_mask[None, :]
         u_off = (b * C + chan[:, None]) * M + node[None, :]
         u = tl.load(u_ptr + u_off, mask=mask, other=0.0)
-        dp = (tl.load(du_ptr + u_off, mask=mask, other=0.0) - u * radial[None, :]) * inv[None, :]
+        du = _grad_u(du_ptr, bias_ptr, oc_ptr, oq_ptr, grad_scale, b, chan, node, C, M, mask, MEAN_TERMS)
+        dp = (du - u * radial[None, :]) * inv[None, :]
         if POOLING == 2:
             dp = dp / count[None, :].to(tl.float64)
         if POOLING == 1:
@@ -131,7 +148,7 @@ def _nodes_backward_kernel(
                 tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=inside)
 
 
-def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, strides):
+def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, strides, **constants):
     b, c, h, w = features.shape
     nw = -(-w // kernel_w)
     m = -(-h // kernel_h) * nw
@@ -140,7 +157,7 @@ def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, stride
     guard = torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext()
     with guard:
         kernel[grid](*tensors, c, h, w, nw, m, kernel_h, kernel_w, *strides, POOLING=pooling, PAPER=norm == 1,
-                     BLOCK_C=_BLOCK_C, BLOCK_N=_BLOCK_N, num_warps=4)
+                     BLOCK_C=_BLOCK_C, BLOCK_N=_BLOCK_N, num_warps=4, **constants)
 
 
 def pairwise_nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax) -> None:
@@ -151,9 +168,15 @@ def pairwise_nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, i
             (features, nodes, inv_norm, arg), features.stride())
 
 
-def pairwise_nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax, grad_nodes,
-                            grad_features) -> None:
+def pairwise_nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax, grad_residual,
+                            grad_bias, grad_outer_c, grad_outer_q, grad_scale, grad_features) -> None:
     """Same contract as the C++/CUDA `pairwise_nodes_backward`."""
     arg = argmax if argmax is not None else inv_norm
+    mean_terms = grad_bias is not None
+    if mean_terms != (grad_outer_c is not None) or mean_terms != (grad_outer_q is not None):
+        raise ValueError("the low-rank mean terms come together: grad_bias, grad_outer_c, grad_outer_q")
+    scale = torch.full((1,), grad_scale, dtype=torch.float64, device=features.device)
+    vectors = (grad_bias, grad_outer_c, grad_outer_q) if mean_terms else (inv_norm,) * 3  # unread stand-ins
     _launch(_nodes_backward_kernel, features, kernel_h, kernel_w, pooling, norm,
-            (nodes, inv_norm, arg, grad_nodes, grad_features), grad_features.stride())
+            (nodes, inv_norm, arg, grad_residual, *vectors, scale, grad_features), grad_features.stride(),
+            MEAN_TERMS=mean_terms)
