@@ -206,10 +206,9 @@ def _lowrank(us, ut, want_s, want_t, try_float32, centre):
         q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
         loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum
                   + 2 * q_sum.square()).sum()
-        loss_f, grams = _residual_grams(s.residual, t.residual)
-        estimate = _lowrank_error_estimate(s.sumsq.sqrt(), t.sumsq.sqrt(), *grams, nodes=m,
-                                           unit_roundoff=torch.finfo(dtype).eps / 2)
-        loss = loss_e + loss_f.double()
+        loss_f, grams, squares = _residual_grams(s.residual, t.residual)
+        estimate = _lowrank_error_estimate(s.sumsq, t.sumsq, squares, nodes=m, unit_roundoff=torch.finfo(dtype).eps / 2)
+        loss = loss_e + loss_f
         if not bool(estimate <= rtol * loss):  # NaN fails too
             continue
         gss, gst, gtt = grams
@@ -234,24 +233,30 @@ def _times(residual, q):
 
 
 def _residual_grams(rs, rt):
-    gss = torch.bmm(rs, rs.transpose(1, 2))
-    gst = torch.bmm(rs, rt.transpose(1, 2))
-    gtt = torch.bmm(rt, rt.transpose(1, 2))
-    return gss.square().sum() + gtt.square().sum() - 2 * gst.square().sum(), (gss, gst, gtt)
+    """The residual Gram matrices, their squares, and ||F||^2 = sum Gss^2 + sum Gtt^2 - 2 sum Gst^2
+    (summed in float64)."""
+    grams = (torch.bmm(rs, rs.transpose(1, 2)), torch.bmm(rs, rt.transpose(1, 2)), torch.bmm(rt, rt.transpose(1, 2)))
+    squares = [g.square() for g in grams]
+    sums = [sq.sum(dtype=torch.float64) for sq in squares]
+    return sums[0] + sums[2] - 2 * sums[1], grams, squares
 
 
-def _lowrank_error_estimate(ns, nt, gss, gst, gtt, nodes: int, unit_roundoff: float) -> torch.Tensor:
+def _lowrank_error_estimate(sumsq_s, sumsq_t, squares, nodes: int, unit_roundoff: float) -> torch.Tensor:
     """Statistical estimate of the low-rank loss's rounding error.
 
     A Gram entry G_ab = sum over M nodes carries an error of about unit_roundoff sqrt(M) n_a n_b
-    (n: the per-channel norms over the nodes, (B, C); rounding errors of a blocked sum add like a
-    random walk, and the rounding of the inputs adds as much again). The loss sum_ab G_ab^2 (with
-    signs) then errs by about 2 sqrt(sum_ab (G_ab dG_ab)^2), counting |Gst| twice. Checked against
-    float64 on independent, correlated, post-ReLU and near-identical features (tests).
+    (n_a^2: the per-channel sums of squares over the nodes, (B, C); rounding errors of a blocked sum
+    add like a random walk, and the rounding of the inputs adds as much again). The loss
+    sum_ab G_ab^2 (with signs) then errs by about 2 sqrt(sum_ab G_ab^2 dG_ab^2), counting Gst twice.
+    Checked against float64 on independent, correlated, post-ReLU and near-identical features (tests).
     """
-    outer = lambda a, b: a[:, :, None] * b[:, None, :]
-    weighted = ((gss.double() * outer(ns, ns)).square().sum() + (gtt.double() * outer(nt, nt)).square().sum()
-                + 4 * (gst.double() * outer(ns, nt)).square().sum())
+    sq_ss, sq_st, sq_tt = squares
+
+    def bilinear(left, square, right):  # sum_b left_b^T square_b right_b
+        dtype = square.dtype
+        return torch.bmm(torch.bmm(left.to(dtype)[:, None, :], square), right.to(dtype)[:, :, None]).sum(dtype=torch.float64)
+
+    weighted = bilinear(sumsq_s, sq_ss, sumsq_s) + bilinear(sumsq_t, sq_tt, sumsq_t) + 4 * bilinear(sumsq_s, sq_st, sumsq_t)
     return 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
 
 
