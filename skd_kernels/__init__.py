@@ -5,6 +5,7 @@ Importing compiles nothing: C++/CUDA kernels build at first use, Triton is impor
 from . import reference
 from .backends import BACKENDS, available_backends
 from .modules import CriterionPixelWise, PixelWiseDistillLoss
+from .ops.attention import fused_attention
 from .ops.pixelwise import pixelwise_distill_loss
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "CriterionPixelWise",
     "PixelWiseDistillLoss",
     "available_backends",
+    "fused_attention",
     "pixelwise_distill_loss",
     "reference",
 ]
