@@ -50,10 +50,14 @@ void run(const skd::AttentionProblem& p, const at::Tensor& q, Pass pass) {
 #ifdef SKD_WITH_CUDA
   TORCH_CHECK(q.is_cuda(), "skd_kernels: tensors must be on CPU or CUDA");
   const c10::cuda::CUDAGuard guard(q.device());
+  // The row pass leaves its statistics here for the column pass (the CPU keeps them in std::vector).
+  const at::Tensor row_stats = at::empty({3, p.batch, p.n}, q.options());
+  skd::AttentionProblem with_stats = p;
+  with_stats.row_stats = row_stats.data_ptr();
   void* stream = at::cuda::getCurrentCUDAStream().stream();
-  if (pass == Pass::Forward) skd::cuda::attention_forward(p, stream);
-  else if (pass == Pass::Backward) skd::cuda::attention_backward(p, stream);
-  else skd::cuda::attention_double_backward(p, stream);
+  if (pass == Pass::Forward) skd::cuda::attention_forward(with_stats, stream);
+  else if (pass == Pass::Backward) skd::cuda::attention_backward(with_stats, stream);
+  else skd::cuda::attention_double_backward(with_stats, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
   TORCH_CHECK(false, "skd_kernels: this build has no CUDA kernels");

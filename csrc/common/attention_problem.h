@@ -21,6 +21,9 @@ struct AttentionProblem {
   // Double backward: cotangents of (dq, dk, dv) (nullptr = zero) and the gradient of dout.
   const void* gq; const void* gk; const void* gv;
   void* grad_dout;
+  // CUDA passes only: (3, batch, n) row statistics (D, Abar, Hbar) that a row pass leaves for the
+  // column pass, allocated by the caller in the accumulation dtype.
+  void* row_stats;
 };
 
 }  // namespace skd
