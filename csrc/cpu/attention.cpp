@@ -20,42 +20,119 @@
 namespace skd::cpu {
 namespace {
 
-constexpr int64_t kStripElements = 16384;
+constexpr int64_t kStripElements = 65536;  // per buffer: 256 KB in float32
 constexpr int64_t kMaxStripRows = 64;
 
 int64_t strip_rows(int64_t n) { return std::clamp<int64_t>(kStripElements / n, 1, kMaxStripRows); }
 
-// out[a * n + b] (+)= x_a . y_b: x (rows, d), y (n, d), both row-major.
+// C (rows x cols) (+)= A (rows x K) B (K x cols), all row-major with leading dimensions lda, ldb, ldc.
+// Register tiles of R rows by kTileCols columns accumulate over a block of K; blocking K keeps the
+// B panel in cache while every row group of the strip reuses it. The loops are plain C++; they are
+// compiled twice, for the baseline ISA and for AVX2+FMA, and the CPU picks at run time (the
+// extension is built without -march, so it still runs on any x86-64).
 template <typename T>
-void dots(const T* x, int64_t rows, const T* y, int64_t n, int64_t d, T* out, bool accumulate) {
-  for (int64_t a = 0; a < rows; ++a) {
-    const T* xa = x + a * d;
-    T* o = out + a * n;
-    for (int64_t b = 0; b < n; ++b) {
-      const T* yb = y + b * d;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t c = 0; c < d; ++c) s += xa[c] * yb[c];
-      o[b] = accumulate ? o[b] + s : s;
+constexpr int kTileCols = 64 / sizeof(T);
+constexpr int64_t kBlockK = 128;
+
+#define SKD_INLINE inline __attribute__((always_inline))
+
+template <typename T, int R, bool kFullTile>
+SKD_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                          int64_t width, bool accumulate) {
+  constexpr int W = kTileCols<T>;
+  T c[R][W] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * lda + k];
+      if constexpr (kFullTile) {
+#pragma omp simd
+        for (int t = 0; t < W; ++t) c[r][t] += a * b[t];
+      } else {
+        for (int64_t t = 0; t < width; ++t) c[r][t] += a * b[t];
+      }
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int64_t t = 0; t < (kFullTile ? W : width); ++t)
+      C[r * ldc + t] = accumulate ? C[r * ldc + t] + c[r][t] : c[r][t];
+}
+
+template <typename T, int R>
+SKD_INLINE void gemm_rows(int64_t cols, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                          int64_t ldc, bool accumulate) {
+  constexpr int W = kTileCols<T>;
+  int64_t c0 = 0;
+  for (; c0 + W <= cols; c0 += W) gemm_tile<T, R, true>(K, A, lda, B + c0, ldb, C + c0, ldc, W, accumulate);
+  if (c0 < cols) gemm_tile<T, R, false>(K, A, lda, B + c0, ldb, C + c0, ldc, cols - c0, accumulate);
+}
+
+template <typename T>
+SKD_INLINE void gemm_body(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, const T* B,
+                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if (K == 0 && !accumulate)
+    for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t kc = std::min(kBlockK, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    int64_t a = 0;
+    for (; a + 4 <= rows; a += 4) gemm_rows<T, 4>(cols, kc, A + a * lda + k0, lda, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
+    for (; a < rows; ++a) gemm_rows<T, 1>(cols, kc, A + a * lda + k0, lda, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
+  }
+}
+
+template <typename T>
+void gemm_baseline(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                   T* C, int64_t ldc, bool accumulate) {
+  gemm_body(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2,fma"))) void gemm_avx2(int64_t rows, int64_t cols, int64_t K, const T* A,
+                                                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                                                   bool accumulate) {
+  gemm_body(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+template <typename T>
+void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+          int64_t ldc, bool accumulate) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return gemm_avx2(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+#endif
+  gemm_baseline(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// out[a * n + b] (+)= x_a . y_b: x (rows, d) row-major, yt = y transposed, (d, n).
+template <typename T>
+void dots(const T* x, int64_t rows, const T* yt, int64_t n, int64_t d, T* out, bool accumulate) {
+  gemm(rows, n, d, x, d, yt, n, out, n, accumulate);
 }
 
 // out_a (+)= sum_b m[a * n + b] y_b: m (rows, n), y (n, d), out (rows, d).
 template <typename T>
 void combine(const T* m, int64_t rows, int64_t n, const T* y, int64_t d, T* out, bool accumulate) {
-  for (int64_t a = 0; a < rows; ++a) {
-    T* o = out + a * d;
-    if (!accumulate) std::fill(o, o + d, T(0));
-    const T* ma = m + a * n;
-    for (int64_t b = 0; b < n; ++b) {
-      const T w = ma[b];
-      if (w == T(0)) continue;  // saturated softmax: most weights are exactly 0
-      const T* yb = y + b * d;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] += w * yb[c];
-    }
-  }
+  gemm(rows, d, n, m, n, y, d, out, d, accumulate);
+}
+
+// Per image, (n, d) -> (d, n): the layout in which dots() reads its right-hand side.
+template <typename T>
+std::vector<T> transposed(const void* base, int64_t batch, int64_t n, int64_t d) {
+  std::vector<T> t(base ? size_t(batch * n * d) : 0);  // empty for an absent (zero) operand
+  if (!base) return t;
+  const T* x = static_cast<const T*>(base);
+#pragma omp parallel for if (batch * n * d > (1 << 16))
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < d; ++c) t[(b * d + c) * n + i] = x[(b * n + i) * d + c];
+  return t;
 }
 
 // Calls fn(b, first, count, scratch) for every strip of every image, in parallel; `scratch` holds
@@ -66,12 +143,12 @@ void for_each_strip(const AttentionProblem& p, int buffers, Fn&& fn) {
   const double work = double(p.batch) * p.n * p.n * (p.dk + p.dv);
 #pragma omp parallel if (units > 1 && work > 2e5)
   {
-    std::vector<T> scratch(size_t(buffers) * rows * p.n);
+      std::vector<T> scratch(size_t(buffers) * rows * p.n);
 #pragma omp for schedule(static)
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t b = u / per_image, first = (u % per_image) * rows;
-      fn(b, first, std::min(rows, p.n - first), scratch.data());
-    }
+      for (int64_t u = 0; u < units; ++u) {
+        const int64_t b = u / per_image, first = (u % per_image) * rows;
+        fn(b, first, std::min(rows, p.n - first), scratch.data());
+      }
   }
 }
 
@@ -105,9 +182,10 @@ void probabilities(T* s, int64_t rows, int64_t n, const T* lse, bool transposed)
 template <typename T>
 void forward(const AttentionProblem& p) {
   const View<T> at{p};
+  const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk);
   for_each_strip<T>(p, 1, [&](int64_t b, int64_t i0, int64_t r, T* s) {
     const int64_t n = p.n;
-    dots(at.row(p.q, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, s, false);
+    dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, s, false);
     T* lse = at.at(p.lse, b, i0, 1);
     for (int64_t a = 0; a < r; ++a) {
       T* sa = s + a * n;
@@ -147,25 +225,30 @@ template <typename T>
 void backward(const AttentionProblem& p) {
   const View<T> at{p};
   std::vector<T> row_d(size_t(p.batch * p.n));
-  // Rows: dq_i = sum_j dS_ij k_j, and D_i for the column pass.
-  for_each_strip<T>(p, 2, [&](int64_t b, int64_t i0, int64_t r, T* s) {
-    const int64_t n = p.n;
-    T* dp = s + r * n;
-    dots(at.row(p.q, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, s, false);
-    probabilities(s, r, n, at.row(p.lse, b, i0, 1), false);
-    dots(at.row(p.dout, b, i0, p.dv), r, at.in(p.v, b, p.dv), n, p.dv, dp, false);
-    softmax_gradient(s, dp, r, n, &row_d[b * n + i0]);
-    combine(dp, r, n, at.in(p.k, b, p.dk), p.dk, at.at(p.grad_q, b, i0, p.dk), false);
-  });
+  // Rows: dq_i = sum_j dS_ij k_j, and D_i for the column pass. Each pass frees its transposed
+  // operands before the next allocates its own.
+  {
+    const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk), v_t = transposed<T>(p.v, p.batch, p.n, p.dv);
+    for_each_strip<T>(p, 2, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+      const int64_t n = p.n;
+      T* dp = s + r * n;
+      dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, s, false);
+      probabilities(s, r, n, at.row(p.lse, b, i0, 1), false);
+      dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
+      softmax_gradient(s, dp, r, n, &row_d[b * n + i0]);
+      combine(dp, r, n, at.in(p.k, b, p.dk), p.dk, at.at(p.grad_q, b, i0, p.dk), false);
+    });
+  }
   // Columns: dk_j = sum_i dS_ij q_i, dv_j = sum_i P_ij dout_i.
+  const std::vector<T> q_t = transposed<T>(p.q, p.batch, p.n, p.dk), dout_t = transposed<T>(p.dout, p.batch, p.n, p.dv);
   for_each_strip<T>(p, 2, [&](int64_t b, int64_t j0, int64_t r, T* st) {
     const int64_t n = p.n;
     T* dpt = st + r * n;
     const T* d = &row_d[b * n];
-    dots(at.row(p.k, b, j0, p.dk), r, at.in(p.q, b, p.dk), n, p.dk, st, false);
+    dots(at.row(p.k, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, st, false);
     probabilities(st, r, n, at.in(p.lse, b, 1), true);
     combine(st, r, n, at.in(p.dout, b, p.dv), p.dv, at.at(p.grad_v, b, j0, p.dv), false);
-    dots(at.row(p.v, b, j0, p.dv), r, at.in(p.dout, b, p.dv), n, p.dv, dpt, false);
+    dots(at.row(p.v, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, dpt, false);
     for (int64_t a = 0; a < r; ++a) {
       const T* pa = st + a * n;
       T* ga = dpt + a * n;
@@ -184,60 +267,67 @@ void double_backward(const AttentionProblem& p) {
   const View<T> at{p};
   const int64_t rows_total = p.batch * p.n;
   std::vector<T> row_d(rows_total), row_abar(rows_total), row_hbar(rows_total);
-  // Buffers per strip: P, dP (then dS), A (then G), B/H (then dS2).
-  for_each_strip<T>(p, 4, [&](int64_t b, int64_t i0, int64_t r, T* s) {
-    const int64_t n = p.n;
-    T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
-    T* grad_q = at.at(p.grad_q, b, i0, p.dk);
-    T* grad_dout = at.at(p.grad_dout, b, i0, p.dv);
-    dots(at.row(p.q, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, prob, false);
-    probabilities(prob, r, n, at.row(p.lse, b, i0, 1), false);
-    dots(at.row(p.dout, b, i0, p.dv), r, at.in(p.v, b, p.dv), n, p.dv, dp, false);
-    std::fill(a, a + r * n, T(0));
-    if (p.gq) dots(at.row(p.gq, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, a, true);
-    if (p.gk) dots(at.row(p.q, b, i0, p.dk), r, at.in(p.gk, b, p.dk), n, p.dk, a, true);
-    if (p.gv) dots(at.row(p.dout, b, i0, p.dv), r, at.in(p.gv, b, p.dv), n, p.dv, h, false);
-    else std::fill(h, h + r * n, T(0));
-    for (int64_t x = 0; x < r; ++x) {
-      T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
-      T d = 0, abar = 0, c = 0, bbar = 0;
+  // Buffers per strip: P, dP (then dS), A (then G), B/H (then dS2). Right-hand sides of dots()
+  // transposed once per call (O(N * C)).
+  {
+    const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk), v_t = transposed<T>(p.v, p.batch, p.n, p.dv);
+    const std::vector<T> gk_t = transposed<T>(p.gk, p.batch, p.n, p.dk), gv_t = transposed<T>(p.gv, p.batch, p.n, p.dv);
+    for_each_strip<T>(p, 4, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+      const int64_t n = p.n;
+      T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
+      T* grad_q = at.at(p.grad_q, b, i0, p.dk);
+      T* grad_dout = at.at(p.grad_dout, b, i0, p.dv);
+      dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, prob, false);
+      probabilities(prob, r, n, at.row(p.lse, b, i0, 1), false);
+      dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
+      std::fill(a, a + r * n, T(0));
+      if (p.gq) dots(at.row(p.gq, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, a, true);
+      if (p.gk) dots(at.row(p.q, b, i0, p.dk), r, gk_t.data() + b * n * p.dk, n, p.dk, a, true);
+      if (p.gv) dots(at.row(p.dout, b, i0, p.dv), r, gv_t.data() + b * n * p.dv, n, p.dv, h, false);
+      else std::fill(h, h + r * n, T(0));
+      for (int64_t x = 0; x < r; ++x) {
+        T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
+        T d = 0, abar = 0, c = 0, bbar = 0;
 #pragma omp simd reduction(+ : d, abar, c, bbar)
-      for (int64_t j = 0; j < n; ++j) {
-        d += pa[j] * dpa[j];
-        abar += pa[j] * aa[j];
-        c += pa[j] * dpa[j] * aa[j];
-        bbar += pa[j] * ha[j];
-      }
-      const T hbar = c - 2 * d * abar + bbar;
+        for (int64_t j = 0; j < n; ++j) {
+          d += pa[j] * dpa[j];
+          abar += pa[j] * aa[j];
+          c += pa[j] * dpa[j] * aa[j];
+          bbar += pa[j] * ha[j];
+        }
+        const T hbar = c - 2 * d * abar + bbar;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const T hj = (dpa[j] - d) * aa[j] - dpa[j] * abar + ha[j];
-        ha[j] = pa[j] * (hj - hbar);       // dS2
-        aa[j] = pa[j] * (aa[j] - abar);    // G
-        dpa[j] = pa[j] * (dpa[j] - d);     // dS
+        for (int64_t j = 0; j < n; ++j) {
+          const T hj = (dpa[j] - d) * aa[j] - dpa[j] * abar + ha[j];
+          ha[j] = pa[j] * (hj - hbar);       // dS2
+          aa[j] = pa[j] * (aa[j] - abar);    // G
+          dpa[j] = pa[j] * (dpa[j] - d);     // dS
+        }
+        row_d[b * n + i0 + x] = d;
+        row_abar[b * n + i0 + x] = abar;
+        row_hbar[b * n + i0 + x] = hbar;
       }
-      row_d[b * n + i0 + x] = d;
-      row_abar[b * n + i0 + x] = abar;
-      row_hbar[b * n + i0 + x] = hbar;
-    }
-    // grad q_i = sum_j (dS gk_j + dS2 k_j); grad dout_i = sum_j (G v_j + P gv_j).
-    combine(h, r, n, at.in(p.k, b, p.dk), p.dk, grad_q, false);
-    if (p.gk) combine(dp, r, n, at.in(p.gk, b, p.dk), p.dk, grad_q, true);
-    combine(a, r, n, at.in(p.v, b, p.dv), p.dv, grad_dout, false);
-    if (p.gv) combine(prob, r, n, at.in(p.gv, b, p.dv), p.dv, grad_dout, true);
-  });
+      // grad q_i = sum_j (dS gk_j + dS2 k_j); grad dout_i = sum_j (G v_j + P gv_j).
+      combine(h, r, n, at.in(p.k, b, p.dk), p.dk, grad_q, false);
+      if (p.gk) combine(dp, r, n, at.in(p.gk, b, p.dk), p.dk, grad_q, true);
+      combine(a, r, n, at.in(p.v, b, p.dv), p.dv, grad_dout, false);
+      if (p.gv) combine(prob, r, n, at.in(p.gv, b, p.dv), p.dv, grad_dout, true);
+    });
+  }
   // Columns: grad k_j = sum_i (dS gq_i + dS2 q_i); grad v_j = sum_i G dout_i.
+  const std::vector<T> q_t = transposed<T>(p.q, p.batch, p.n, p.dk), dout_t = transposed<T>(p.dout, p.batch, p.n, p.dv);
+  const std::vector<T> gq_t = transposed<T>(p.gq, p.batch, p.n, p.dk);
   for_each_strip<T>(p, 4, [&](int64_t b, int64_t j0, int64_t r, T* s) {
     const int64_t n = p.n;
     T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
     const T *d = &row_d[b * n], *abar = &row_abar[b * n], *hbar = &row_hbar[b * n];
-    dots(at.row(p.k, b, j0, p.dk), r, at.in(p.q, b, p.dk), n, p.dk, prob, false);
+    dots(at.row(p.k, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, prob, false);
     probabilities(prob, r, n, at.in(p.lse, b, 1), true);
-    dots(at.row(p.v, b, j0, p.dv), r, at.in(p.dout, b, p.dv), n, p.dv, dp, false);
+    dots(at.row(p.v, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, dp, false);
     std::fill(a, a + r * n, T(0));
-    if (p.gq) dots(at.row(p.k, b, j0, p.dk), r, at.in(p.gq, b, p.dk), n, p.dk, a, true);
-    if (p.gk) dots(at.row(p.gk, b, j0, p.dk), r, at.in(p.q, b, p.dk), n, p.dk, a, true);
-    if (p.gv) dots(at.row(p.gv, b, j0, p.dv), r, at.in(p.dout, b, p.dv), n, p.dv, h, false);
+    if (p.gq) dots(at.row(p.k, b, j0, p.dk), r, gq_t.data() + b * n * p.dk, n, p.dk, a, true);
+    if (p.gk) dots(at.row(p.gk, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, a, true);
+    if (p.gv) dots(at.row(p.gv, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, h, false);
     else std::fill(h, h + r * n, T(0));
     for (int64_t x = 0; x < r; ++x) {
       T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
