@@ -8,13 +8,16 @@ Implementations: `naive` (bmm / softmax / bmm, the official Self_Attn block = at
 only one that supports it), and each fused backend here (`torch` = the row-block PyTorch fallback).
 Passes: `fwd_bwd` (out.backward) and `double_bwd` (gradient penalty: input gradients with
 create_graph=True, then backward of their squared norm). Rows: median time (ms) and peak memory
-above the inputs (MB); `speedup` and `memory_ratio` are naive / impl.
+above the inputs (MB); `speedup` and `memory_ratio` are naive / impl. Times are the minimum over
+repeats, the implementations of a shape interleaved: on a shared, loaded machine the median mostly
+measures the other processes, the minimum the least-disturbed run.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import skd_kernels as sk  # noqa: E402
-from common import RESULTS, device_name, ensure_cpu_measurement_env, peak_mb, print_table, time_ms, write_csv  # noqa: E402
+from common import RESULTS, device_name, ensure_cpu_measurement_env, peak_mb, print_table, write_csv  # noqa: E402
 from skd_kernels.reference import attention_reference  # noqa: E402
 
 # (B, N, Dk, Dv): the official D's two attention blocks on 65x65 logits, then large maps.
@@ -75,16 +78,31 @@ def impls(device: torch.device) -> list[str]:
     return ["naive", "sdpa", *[b for b in sk.available_backends(device) if b != "triton" or device.type == "cuda"]]
 
 
+def best_ms(steps: dict, device: torch.device, repeats: int) -> dict:
+    """Minimum wall time (ms) of each step over `repeats` rounds, the steps interleaved per round."""
+    best = {name: float("inf") for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
+
+
 def run(shapes, device: torch.device, repeats: int) -> list[dict]:
     rows = []
     for shape in shapes:
         for attention_pass in PASSES:
-            measured = {}
-            for impl in impls(device):
-                step = make_step(impl, shape, device, attention_pass)
-                reps = repeats if shape[1] <= 1024 else max(1, repeats // 3)
-                measured[impl] = (time_ms(step, device, reps, warmup=1), peak_mb(step, device))
-                del step
+            steps = {impl: make_step(impl, shape, device, attention_pass) for impl in impls(device)}
+            for step in steps.values():  # warm-up: builds, caches
+                step()
+            times = best_ms(steps, device, repeats if shape[1] <= 1024 else max(2, repeats // 4))
+            measured = {impl: (times[impl], peak_mb(step, device)) for impl, step in steps.items()}
+            del steps
             naive_ms, naive_mb = measured["naive"]
             for impl, (ms, mb) in measured.items():
                 rows.append(dict(device=device_name(device), shape="x".join(map(str, shape)), dtype="float32",
@@ -101,12 +119,16 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="the official shapes and N=1024 only")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch and OpenMP); 1 gives stable figures on a shared machine")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cpu":
         ensure_cpu_measurement_env()
     shapes = OFFICIAL + (LARGE[:1] if args.quick else LARGE)
-    repeats = args.repeats or (5 if args.quick else 10)
+    repeats = args.repeats or (10 if args.quick else 20)
     rows = run(shapes, device, repeats)
     print()
     print_table(rows, ["shape", "attention_pass", "impl", "ms", "peak_mb", "speedup", "memory_ratio"])

@@ -234,3 +234,21 @@ def test_forward_backward_memory_is_linear_in_n_at_n_4096():
     one_map, inputs = 4096 * 4096 * 4, 2 * 4096 * (32 + 32 + 256) * 4
     assert peaks["cpu"] < min(4 * inputs, 0.5 * one_map), peaks
     assert peaks["reference"] > 2 * one_map, peaks  # the measurement does see N x N buffers
+
+
+@pytest.mark.parametrize("threads", [1, 8], ids=["one_pass", "row_and_column_passes"])
+def test_cpu_kernel_paths_match_fp64_reference(threads):
+    """The C++ kernel sums dk, dv inside the row pass when every thread owns whole images (B >= threads)
+    and runs a separate column pass otherwise: both paths, to the second derivative."""
+    backend_device("cpu")
+    q, k, v, dout = make_qkv((3, 70, 5, 9), torch.float64, "cpu")
+    cot = [torch.randn_like(x) for x in (q, k, v)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = second_order(fused("cpu"), q, k, v, dout, cot)
+    finally:
+        torch.set_num_threads(saved)
+    ref = second_order(attention_reference, q, k, v, dout, cot)
+    for name, a, b in zip(("dq", "dk", "dv", "q", "k", "v", "dout"), (*got[0], *got[1]), (*ref[0], *ref[1])):
+        assert_close(a, b, torch.float64, energy_factor(q, k), name)

@@ -17,6 +17,10 @@
 
 #include "cpu/numeric.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace skd::cpu {
 namespace {
 
@@ -37,14 +41,14 @@ constexpr int64_t kBlockK = 128;
 #define SKD_INLINE inline __attribute__((always_inline))
 
 template <typename T, int R, bool kFullTile>
-SKD_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-                          int64_t width, bool accumulate) {
+SKD_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
+                          int64_t ldc, int64_t width, bool accumulate) {
   constexpr int W = kTileCols<T>;
   T c[R][W] = {};
   for (int64_t k = 0; k < K; ++k) {
     const T* b = B + k * ldb;
     for (int r = 0; r < R; ++r) {
-      const T a = A[r * lda + k];
+      const T a = A[r * lda + k * a_k];
       if constexpr (kFullTile) {
 #pragma omp simd
         for (int t = 0; t < W; ++t) c[r][t] += a * b[t];
@@ -59,40 +63,41 @@ SKD_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_
 }
 
 template <typename T, int R>
-SKD_INLINE void gemm_rows(int64_t cols, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                          int64_t ldc, bool accumulate) {
+SKD_INLINE void gemm_rows(int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
+                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int W = kTileCols<T>;
   int64_t c0 = 0;
-  for (; c0 + W <= cols; c0 += W) gemm_tile<T, R, true>(K, A, lda, B + c0, ldb, C + c0, ldc, W, accumulate);
-  if (c0 < cols) gemm_tile<T, R, false>(K, A, lda, B + c0, ldb, C + c0, ldc, cols - c0, accumulate);
+  for (; c0 + W <= cols; c0 += W) gemm_tile<T, R, true>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, W, accumulate);
+  if (c0 < cols) gemm_tile<T, R, false>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, cols - c0, accumulate);
 }
 
 template <typename T>
-SKD_INLINE void gemm_body(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, const T* B,
-                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+SKD_INLINE void gemm_body(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k,
+                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   if (K == 0 && !accumulate)
     for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
     const int64_t kc = std::min(kBlockK, K - k0);
     const bool acc = accumulate || k0 > 0;
     int64_t a = 0;
-    for (; a + 4 <= rows; a += 4) gemm_rows<T, 4>(cols, kc, A + a * lda + k0, lda, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
-    for (; a < rows; ++a) gemm_rows<T, 1>(cols, kc, A + a * lda + k0, lda, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
+    const T* Ak = A + k0 * a_k;
+    for (; a + 4 <= rows; a += 4) gemm_rows<T, 4>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
+    for (; a < rows; ++a) gemm_rows<T, 1>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
   }
 }
 
 template <typename T>
-void gemm_baseline(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                   T* C, int64_t ldc, bool accumulate) {
-  gemm_body(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+void gemm_baseline(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
+                   int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T>
 __attribute__((target("avx2,fma"))) void gemm_avx2(int64_t rows, int64_t cols, int64_t K, const T* A,
-                                                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-                                                   bool accumulate) {
-  gemm_body(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+                                                   int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
+                                                   int64_t ldc, bool accumulate) {
+  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
 }
 
 bool has_avx2() {
@@ -102,24 +107,30 @@ bool has_avx2() {
 #endif
 
 template <typename T>
-void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-          int64_t ldc, bool accumulate) {
+void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb,
+          T* C, int64_t ldc, bool accumulate) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx2()) return gemm_avx2(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (has_avx2()) return gemm_avx2(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
 #endif
-  gemm_baseline(rows, cols, K, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_baseline(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
 }
 
 // out[a * n + b] (+)= x_a . y_b: x (rows, d) row-major, yt = y transposed, (d, n).
 template <typename T>
 void dots(const T* x, int64_t rows, const T* yt, int64_t n, int64_t d, T* out, bool accumulate) {
-  gemm(rows, n, d, x, d, yt, n, out, n, accumulate);
+  gemm(rows, n, d, x, d, 1, yt, n, out, n, accumulate);
 }
 
 // out_a (+)= sum_b m[a * n + b] y_b: m (rows, n), y (n, d), out (rows, d).
 template <typename T>
 void combine(const T* m, int64_t rows, int64_t n, const T* y, int64_t d, T* out, bool accumulate) {
-  gemm(rows, d, n, m, n, y, d, out, d, accumulate);
+  gemm(rows, d, n, m, n, 1, y, d, out, d, accumulate);
+}
+
+// out_b += sum_a m[a * n + b] y_a: m (rows, n), y (rows, d), out (n, d); the column sums of a strip.
+template <typename T>
+void combine_transposed(const T* m, int64_t rows, int64_t n, const T* y, int64_t d, T* out) {
+  gemm(n, d, rows, m, 1, n, y, d, out, d, true);
 }
 
 // Per image, (n, d) -> (d, n): the layout in which dots() reads its right-hand side.
@@ -135,20 +146,38 @@ std::vector<T> transposed(const void* base, int64_t batch, int64_t n, int64_t d)
   return t;
 }
 
-// Calls fn(b, first, count, scratch) for every strip of every image, in parallel; `scratch` holds
-// `buffers` strips of rows x n entries, private to the thread.
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// With at least as many images as threads, a thread owns whole images, so the row pass can also add
+// each strip's column sums (dk, dv) into its image's rows: no race, no column pass recomputing
+// S and dP. With fewer images (B = 1 at large N) the strips of one image spread over the threads and
+// a column pass computes the column sums instead.
+bool whole_images_per_thread(const AttentionProblem& p) { return p.batch >= max_threads(); }
+
+// Calls fn(b, first, count, scratch) for every strip of every image, in parallel over strips, or
+// over images (each thread walking its images' strips in order) when `whole_images`; `scratch`
+// holds `buffers` strips of rows x n entries, private to the thread.
 template <typename T, typename Fn>
-void for_each_strip(const AttentionProblem& p, int buffers, Fn&& fn) {
-  const int64_t rows = strip_rows(p.n), per_image = (p.n + rows - 1) / rows, units = p.batch * per_image;
+void for_each_strip(const AttentionProblem& p, int buffers, Fn&& fn, bool whole_images = false) {
+  const int64_t rows = strip_rows(p.n), per_image = (p.n + rows - 1) / rows;
+  const int64_t units = whole_images ? p.batch : p.batch * per_image;
   const double work = double(p.batch) * p.n * p.n * (p.dk + p.dv);
 #pragma omp parallel if (units > 1 && work > 2e5)
   {
-      std::vector<T> scratch(size_t(buffers) * rows * p.n);
+    std::vector<T> scratch(size_t(buffers) * rows * p.n);
 #pragma omp for schedule(static)
-      for (int64_t u = 0; u < units; ++u) {
-        const int64_t b = u / per_image, first = (u % per_image) * rows;
-        fn(b, first, std::min(rows, p.n - first), scratch.data());
-      }
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t b = whole_images ? u : u / per_image;
+      const int64_t first = whole_images ? 0 : (u % per_image) * rows;
+      const int64_t last = whole_images ? p.n : first + 1;
+      for (int64_t i0 = first; i0 < last; i0 += rows) fn(b, i0, std::min(rows, p.n - i0), scratch.data());
+    }
   }
 }
 
@@ -225,8 +254,14 @@ template <typename T>
 void backward(const AttentionProblem& p) {
   const View<T> at{p};
   std::vector<T> row_d(size_t(p.batch * p.n));
-  // Rows: dq_i = sum_j dS_ij k_j, and D_i for the column pass. Each pass frees its transposed
-  // operands before the next allocates its own.
+  const bool one_pass = whole_images_per_thread(p);
+  if (one_pass) {
+    std::fill_n(static_cast<T*>(p.grad_k), p.batch * p.n * p.dk, T(0));
+    std::fill_n(static_cast<T*>(p.grad_v), p.batch * p.n * p.dv, T(0));
+  }
+  // Rows: dq_i = sum_j dS_ij k_j, and D_i for the column pass (or, in one pass, the column sums
+  // dk_j += dS_ij q_i, dv_j += P_ij dout_i of the strip). Each pass frees its transposed operands
+  // before the next allocates its own.
   {
     const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk), v_t = transposed<T>(p.v, p.batch, p.n, p.dv);
     for_each_strip<T>(p, 2, [&](int64_t b, int64_t i0, int64_t r, T* s) {
@@ -237,8 +272,13 @@ void backward(const AttentionProblem& p) {
       dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
       softmax_gradient(s, dp, r, n, &row_d[b * n + i0]);
       combine(dp, r, n, at.in(p.k, b, p.dk), p.dk, at.at(p.grad_q, b, i0, p.dk), false);
-    });
+      if (one_pass) {
+        combine_transposed(s, r, n, at.row(p.dout, b, i0, p.dv), p.dv, at.at(p.grad_v, b, 0, p.dv));
+        combine_transposed(dp, r, n, at.row(p.q, b, i0, p.dk), p.dk, at.at(p.grad_k, b, 0, p.dk));
+      }
+    }, one_pass);
   }
+  if (one_pass) return;
   // Columns: dk_j = sum_i dS_ij q_i, dv_j = sum_i P_ij dout_i.
   const std::vector<T> q_t = transposed<T>(p.q, p.batch, p.n, p.dk), dout_t = transposed<T>(p.dout, p.batch, p.n, p.dv);
   for_each_strip<T>(p, 2, [&](int64_t b, int64_t j0, int64_t r, T* st) {
@@ -267,6 +307,11 @@ void double_backward(const AttentionProblem& p) {
   const View<T> at{p};
   const int64_t rows_total = p.batch * p.n;
   std::vector<T> row_d(rows_total), row_abar(rows_total), row_hbar(rows_total);
+  const bool one_pass = whole_images_per_thread(p);  // as in backward()
+  if (one_pass) {
+    std::fill_n(static_cast<T*>(p.grad_k), p.batch * p.n * p.dk, T(0));
+    std::fill_n(static_cast<T*>(p.grad_v), p.batch * p.n * p.dv, T(0));
+  }
   // Buffers per strip: P, dP (then dS), A (then G), B/H (then dS2). Right-hand sides of dots()
   // transposed once per call (O(N * C)).
   {
@@ -312,8 +357,15 @@ void double_backward(const AttentionProblem& p) {
       if (p.gk) combine(dp, r, n, at.in(p.gk, b, p.dk), p.dk, grad_q, true);
       combine(a, r, n, at.in(p.v, b, p.dv), p.dv, grad_dout, false);
       if (p.gv) combine(prob, r, n, at.in(p.gv, b, p.dv), p.dv, grad_dout, true);
-    });
+      if (one_pass) {  // grad k_j += sum_i (dS gq_i + dS2 q_i); grad v_j += sum_i G dout_i
+        T* grad_k = at.at(p.grad_k, b, 0, p.dk);
+        combine_transposed(h, r, n, at.row(p.q, b, i0, p.dk), p.dk, grad_k);
+        if (p.gq) combine_transposed(dp, r, n, at.row(p.gq, b, i0, p.dk), p.dk, grad_k);
+        combine_transposed(a, r, n, at.row(p.dout, b, i0, p.dv), p.dv, at.at(p.grad_v, b, 0, p.dv));
+      }
+    }, one_pass);
   }
+  if (one_pass) return;
   // Columns: grad k_j = sum_i (dS gq_i + dS2 q_i); grad v_j = sum_i G dout_i.
   const std::vector<T> q_t = transposed<T>(p.q, p.batch, p.n, p.dk), dout_t = transposed<T>(p.dout, p.batch, p.n, p.dv);
   const std::vector<T> gq_t = transposed<T>(p.gq, p.batch, p.n, p.dk);
