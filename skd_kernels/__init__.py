@@ -6,6 +6,7 @@ from . import reference
 from .backends import BACKENDS, available_backends
 from .modules import (CriterionPairWiseforWholeFeatAfterPool, CriterionPixelWise, PairWiseDistillLoss,
                       PixelWiseDistillLoss)
+from .ops.attention import fused_attention
 from .ops.pairwise import pairwise_distill_loss
 from .ops.pixelwise import pixelwise_distill_loss
 
@@ -18,6 +19,7 @@ __all__ = [
     "PairWiseDistillLoss",
     "PixelWiseDistillLoss",
     "available_backends",
+    "fused_attention",
     "pairwise_distill_loss",
     "pixelwise_distill_loss",
     "reference",

@@ -13,6 +13,7 @@ from conftest import HAS_CUDA, run_python
 SUITES = {
     "tests/test_pixelwise.py": (100, "official form has no ignore mask"),  # skipped on every backend
     "tests/test_pairwise.py": (100, None),
+    "tests/test_attention.py": (20, None),
 }
 
 

@@ -1,0 +1,417 @@
+// Fused SAGAN attention on the CPU: forward, backward and double backward without the N x N map.
+//
+// Work unit: one strip of an image's attention map, either `rows` query rows by all n keys (row
+// passes) or `rows` key columns by all n queries (column passes), held transposed so that both
+// kinds are the same code: a (rows x n) block of dot products, then weighted sums of vectors.
+// A strip has about kStripElements entries per buffer and stays in L2. Row passes produce what is
+// a sum over keys (out, lse, dq, grad dout, the row statistics); column passes produce what is a
+// sum over queries (dk, dv), recomputing P_ij = exp(S_ij - lse_i) instead of reducing partial
+// sums across threads, so no thread-private copies of dk/dv exist and the result is deterministic.
+// The math of each pass is derived in skd_kernels/ops/attention_chunked.py.
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/numeric.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace skd::cpu {
+namespace {
+
+constexpr int64_t kStripElements = 65536;  // per buffer: 256 KB in float32
+constexpr int64_t kMaxStripRows = 64;
+
+int64_t strip_rows(int64_t n) { return std::clamp<int64_t>(kStripElements / n, 1, kMaxStripRows); }
+
+// C (rows x cols) (+)= A (rows x K) B (K x cols), all row-major with leading dimensions lda, ldb, ldc.
+// Register tiles of R rows by kTileCols columns accumulate over a block of K; blocking K keeps the
+// B panel in cache while every row group of the strip reuses it. The loops are plain C++; they are
+// compiled twice, for the baseline ISA and for AVX2+FMA, and the CPU picks at run time (the
+// extension is built without -march, so it still runs on any x86-64).
+template <typename T>
+constexpr int kTileCols = 64 / sizeof(T);
+constexpr int64_t kBlockK = 128;
+
+#define SKD_INLINE inline __attribute__((always_inline))
+
+template <typename T, int R, bool kFullTile>
+SKD_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
+                          int64_t ldc, int64_t width, bool accumulate) {
+  constexpr int W = kTileCols<T>;
+  T c[R][W] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * lda + k * a_k];
+      if constexpr (kFullTile) {
+#pragma omp simd
+        for (int t = 0; t < W; ++t) c[r][t] += a * b[t];
+      } else {
+        for (int64_t t = 0; t < width; ++t) c[r][t] += a * b[t];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t t = 0; t < (kFullTile ? W : width); ++t)
+      C[r * ldc + t] = accumulate ? C[r * ldc + t] + c[r][t] : c[r][t];
+}
+
+template <typename T, int R>
+SKD_INLINE void gemm_rows(int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
+                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int W = kTileCols<T>;
+  int64_t c0 = 0;
+  for (; c0 + W <= cols; c0 += W) gemm_tile<T, R, true>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, W, accumulate);
+  if (c0 < cols) gemm_tile<T, R, false>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, cols - c0, accumulate);
+}
+
+template <typename T>
+SKD_INLINE void gemm_body(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k,
+                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if (K == 0 && !accumulate)
+    for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t kc = std::min(kBlockK, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    int64_t a = 0;
+    const T* Ak = A + k0 * a_k;
+    for (; a + 4 <= rows; a += 4) gemm_rows<T, 4>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
+    for (; a < rows; ++a) gemm_rows<T, 1>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
+  }
+}
+
+template <typename T>
+void gemm_baseline(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
+                   int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2,fma"))) void gemm_avx2(int64_t rows, int64_t cols, int64_t K, const T* A,
+                                                   int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
+                                                   int64_t ldc, bool accumulate) {
+  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+template <typename T>
+void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb,
+          T* C, int64_t ldc, bool accumulate) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return gemm_avx2(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
+#endif
+  gemm_baseline(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
+}
+
+// out[a * n + b] (+)= x_a . y_b: x (rows, d) row-major, yt = y transposed, (d, n).
+template <typename T>
+void dots(const T* x, int64_t rows, const T* yt, int64_t n, int64_t d, T* out, bool accumulate) {
+  gemm(rows, n, d, x, d, 1, yt, n, out, n, accumulate);
+}
+
+// out_a (+)= sum_b m[a * n + b] y_b: m (rows, n), y (n, d), out (rows, d).
+template <typename T>
+void combine(const T* m, int64_t rows, int64_t n, const T* y, int64_t d, T* out, bool accumulate) {
+  gemm(rows, d, n, m, n, 1, y, d, out, d, accumulate);
+}
+
+// out_b += sum_a m[a * n + b] y_a: m (rows, n), y (rows, d), out (n, d); the column sums of a strip.
+template <typename T>
+void combine_transposed(const T* m, int64_t rows, int64_t n, const T* y, int64_t d, T* out) {
+  gemm(n, d, rows, m, 1, n, y, d, out, d, true);
+}
+
+// Per image, (n, d) -> (d, n): the layout in which dots() reads its right-hand side.
+template <typename T>
+std::vector<T> transposed(const void* base, int64_t batch, int64_t n, int64_t d) {
+  std::vector<T> t(base ? size_t(batch * n * d) : 0);  // empty for an absent (zero) operand
+  if (!base) return t;
+  const T* x = static_cast<const T*>(base);
+#pragma omp parallel for if (batch * n * d > (1 << 16))
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < d; ++c) t[(b * d + c) * n + i] = x[(b * n + i) * d + c];
+  return t;
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// With at least as many images as threads, a thread owns whole images, so the row pass can also add
+// each strip's column sums (dk, dv) into its image's rows: no race, no column pass recomputing
+// S and dP. With fewer images (B = 1 at large N) the strips of one image spread over the threads and
+// a column pass computes the column sums instead.
+bool whole_images_per_thread(const AttentionProblem& p) { return p.batch >= max_threads(); }
+
+// Calls fn(b, first, count, scratch) for every strip of every image, in parallel over strips, or
+// over images (each thread walking its images' strips in order) when `whole_images`; `scratch`
+// holds `buffers` strips of rows x n entries, private to the thread.
+template <typename T, typename Fn>
+void for_each_strip(const AttentionProblem& p, int buffers, Fn&& fn, bool whole_images = false) {
+  const int64_t rows = strip_rows(p.n), per_image = (p.n + rows - 1) / rows;
+  const int64_t units = whole_images ? p.batch : p.batch * per_image;
+  const double work = double(p.batch) * p.n * p.n * (p.dk + p.dv);
+#pragma omp parallel if (units > 1 && work > 2e5)
+  {
+    std::vector<T> scratch(size_t(buffers) * rows * p.n);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t b = whole_images ? u : u / per_image;
+      const int64_t first = whole_images ? 0 : (u % per_image) * rows;
+      const int64_t last = whole_images ? p.n : first + 1;
+      for (int64_t i0 = first; i0 < last; i0 += rows) fn(b, i0, std::min(rows, p.n - i0), scratch.data());
+    }
+  }
+}
+
+template <typename T>
+struct View {  // per-image pointers into the contiguous (batch, n, d) arrays
+  const AttentionProblem& p;
+  const T* in(const void* base, int64_t b, int64_t d) const { return static_cast<const T*>(base) + b * p.n * d; }
+  T* at(void* base, int64_t b, int64_t row, int64_t d) const { return static_cast<T*>(base) + (b * p.n + row) * d; }
+  const T* row(const void* base, int64_t b, int64_t row, int64_t d) const {
+    return static_cast<const T*>(base) + (b * p.n + row) * d;
+  }
+};
+
+// P = exp(S - lse) for a strip, in place. Row strips subtract one lse per strip row; column strips
+// (transposed) subtract lse_i along each strip row.
+template <typename T>
+void probabilities(T* s, int64_t rows, int64_t n, const T* lse, bool transposed) {
+  for (int64_t a = 0; a < rows; ++a) {
+    T* sa = s + a * n;
+    if (transposed) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) sa[i] = exp_nonpositive(sa[i] - lse[i]);
+    } else {
+      const T l = lse[a];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) sa[j] = exp_nonpositive(sa[j] - l);
+    }
+  }
+}
+
+template <typename T>
+void forward(const AttentionProblem& p) {
+  const View<T> at{p};
+  const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk);
+  for_each_strip<T>(p, 1, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+    const int64_t n = p.n;
+    dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, s, false);
+    T* lse = at.at(p.lse, b, i0, 1);
+    for (int64_t a = 0; a < r; ++a) {
+      T* sa = s + a * n;
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < n; ++j) m = std::max(m, sa[j]);
+      T z = 0;
+#pragma omp simd reduction(+ : z)
+      for (int64_t j = 0; j < n; ++j) {
+        sa[j] = exp_nonpositive(sa[j] - m);
+        z += sa[j];
+      }
+      const T inv = T(1) / z;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) sa[j] *= inv;
+      lse[a] = m + std::log(z);
+    }
+    combine(s, r, n, at.in(p.v, b, p.dv), p.dv, at.at(p.out, b, i0, p.dv), false);
+  });
+}
+
+// Row statistic D_i = sum_j P_ij dP_ij and dS = P (dP - D), in place in dp.
+template <typename T>
+void softmax_gradient(const T* prob, T* dp, int64_t rows, int64_t n, T* d_out) {
+  for (int64_t a = 0; a < rows; ++a) {
+    const T* pa = prob + a * n;
+    T* ga = dp + a * n;
+    T d = 0;
+#pragma omp simd reduction(+ : d)
+    for (int64_t j = 0; j < n; ++j) d += pa[j] * ga[j];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) ga[j] = pa[j] * (ga[j] - d);
+    d_out[a] = d;
+  }
+}
+
+template <typename T>
+void backward(const AttentionProblem& p) {
+  const View<T> at{p};
+  std::vector<T> row_d(size_t(p.batch * p.n));
+  const bool one_pass = whole_images_per_thread(p);
+  if (one_pass) {
+    std::fill_n(static_cast<T*>(p.grad_k), p.batch * p.n * p.dk, T(0));
+    std::fill_n(static_cast<T*>(p.grad_v), p.batch * p.n * p.dv, T(0));
+  }
+  // Rows: dq_i = sum_j dS_ij k_j, and D_i for the column pass (or, in one pass, the column sums
+  // dk_j += dS_ij q_i, dv_j += P_ij dout_i of the strip). Each pass frees its transposed operands
+  // before the next allocates its own.
+  {
+    const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk), v_t = transposed<T>(p.v, p.batch, p.n, p.dv);
+    for_each_strip<T>(p, 2, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+      const int64_t n = p.n;
+      T* dp = s + r * n;
+      dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, s, false);
+      probabilities(s, r, n, at.row(p.lse, b, i0, 1), false);
+      dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
+      softmax_gradient(s, dp, r, n, &row_d[b * n + i0]);
+      combine(dp, r, n, at.in(p.k, b, p.dk), p.dk, at.at(p.grad_q, b, i0, p.dk), false);
+      if (one_pass) {
+        combine_transposed(s, r, n, at.row(p.dout, b, i0, p.dv), p.dv, at.at(p.grad_v, b, 0, p.dv));
+        combine_transposed(dp, r, n, at.row(p.q, b, i0, p.dk), p.dk, at.at(p.grad_k, b, 0, p.dk));
+      }
+    }, one_pass);
+  }
+  if (one_pass) return;
+  // Columns: dk_j = sum_i dS_ij q_i, dv_j = sum_i P_ij dout_i.
+  const std::vector<T> q_t = transposed<T>(p.q, p.batch, p.n, p.dk), dout_t = transposed<T>(p.dout, p.batch, p.n, p.dv);
+  for_each_strip<T>(p, 2, [&](int64_t b, int64_t j0, int64_t r, T* st) {
+    const int64_t n = p.n;
+    T* dpt = st + r * n;
+    const T* d = &row_d[b * n];
+    dots(at.row(p.k, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, st, false);
+    probabilities(st, r, n, at.in(p.lse, b, 1), true);
+    combine(st, r, n, at.in(p.dout, b, p.dv), p.dv, at.at(p.grad_v, b, j0, p.dv), false);
+    dots(at.row(p.v, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, dpt, false);
+    for (int64_t a = 0; a < r; ++a) {
+      const T* pa = st + a * n;
+      T* ga = dpt + a * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) ga[i] = pa[i] * (ga[i] - d[i]);
+    }
+    combine(dpt, r, n, at.in(p.q, b, p.dk), p.dk, at.at(p.grad_k, b, j0, p.dk), false);
+  });
+}
+
+// Double backward, two passes as in backward(). Per pair (i, j), with the notation of
+// attention_chunked.py: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
+// dS2 = P (H - Hbar_i), H = (dP - D_i) A - dP Abar_i + B. The row pass stores D, Abar, Hbar.
+template <typename T>
+void double_backward(const AttentionProblem& p) {
+  const View<T> at{p};
+  const int64_t rows_total = p.batch * p.n;
+  std::vector<T> row_d(rows_total), row_abar(rows_total), row_hbar(rows_total);
+  const bool one_pass = whole_images_per_thread(p);  // as in backward()
+  if (one_pass) {
+    std::fill_n(static_cast<T*>(p.grad_k), p.batch * p.n * p.dk, T(0));
+    std::fill_n(static_cast<T*>(p.grad_v), p.batch * p.n * p.dv, T(0));
+  }
+  // Buffers per strip: P, dP (then dS), A (then G), B/H (then dS2). Right-hand sides of dots()
+  // transposed once per call (O(N * C)).
+  {
+    const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk), v_t = transposed<T>(p.v, p.batch, p.n, p.dv);
+    const std::vector<T> gk_t = transposed<T>(p.gk, p.batch, p.n, p.dk), gv_t = transposed<T>(p.gv, p.batch, p.n, p.dv);
+    for_each_strip<T>(p, 4, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+      const int64_t n = p.n;
+      T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
+      T* grad_q = at.at(p.grad_q, b, i0, p.dk);
+      T* grad_dout = at.at(p.grad_dout, b, i0, p.dv);
+      dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, prob, false);
+      probabilities(prob, r, n, at.row(p.lse, b, i0, 1), false);
+      dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
+      std::fill(a, a + r * n, T(0));
+      if (p.gq) dots(at.row(p.gq, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, a, true);
+      if (p.gk) dots(at.row(p.q, b, i0, p.dk), r, gk_t.data() + b * n * p.dk, n, p.dk, a, true);
+      if (p.gv) dots(at.row(p.dout, b, i0, p.dv), r, gv_t.data() + b * n * p.dv, n, p.dv, h, false);
+      else std::fill(h, h + r * n, T(0));
+      for (int64_t x = 0; x < r; ++x) {
+        T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
+        T d = 0, abar = 0, c = 0, bbar = 0;
+#pragma omp simd reduction(+ : d, abar, c, bbar)
+        for (int64_t j = 0; j < n; ++j) {
+          d += pa[j] * dpa[j];
+          abar += pa[j] * aa[j];
+          c += pa[j] * dpa[j] * aa[j];
+          bbar += pa[j] * ha[j];
+        }
+        const T hbar = c - 2 * d * abar + bbar;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const T hj = (dpa[j] - d) * aa[j] - dpa[j] * abar + ha[j];
+          ha[j] = pa[j] * (hj - hbar);       // dS2
+          aa[j] = pa[j] * (aa[j] - abar);    // G
+          dpa[j] = pa[j] * (dpa[j] - d);     // dS
+        }
+        row_d[b * n + i0 + x] = d;
+        row_abar[b * n + i0 + x] = abar;
+        row_hbar[b * n + i0 + x] = hbar;
+      }
+      // grad q_i = sum_j (dS gk_j + dS2 k_j); grad dout_i = sum_j (G v_j + P gv_j).
+      combine(h, r, n, at.in(p.k, b, p.dk), p.dk, grad_q, false);
+      if (p.gk) combine(dp, r, n, at.in(p.gk, b, p.dk), p.dk, grad_q, true);
+      combine(a, r, n, at.in(p.v, b, p.dv), p.dv, grad_dout, false);
+      if (p.gv) combine(prob, r, n, at.in(p.gv, b, p.dv), p.dv, grad_dout, true);
+      if (one_pass) {  // grad k_j += sum_i (dS gq_i + dS2 q_i); grad v_j += sum_i G dout_i
+        T* grad_k = at.at(p.grad_k, b, 0, p.dk);
+        combine_transposed(h, r, n, at.row(p.q, b, i0, p.dk), p.dk, grad_k);
+        if (p.gq) combine_transposed(dp, r, n, at.row(p.gq, b, i0, p.dk), p.dk, grad_k);
+        combine_transposed(a, r, n, at.row(p.dout, b, i0, p.dv), p.dv, at.at(p.grad_v, b, 0, p.dv));
+      }
+    }, one_pass);
+  }
+  if (one_pass) return;
+  // Columns: grad k_j = sum_i (dS gq_i + dS2 q_i); grad v_j = sum_i G dout_i.
+  const std::vector<T> q_t = transposed<T>(p.q, p.batch, p.n, p.dk), dout_t = transposed<T>(p.dout, p.batch, p.n, p.dv);
+  const std::vector<T> gq_t = transposed<T>(p.gq, p.batch, p.n, p.dk);
+  for_each_strip<T>(p, 4, [&](int64_t b, int64_t j0, int64_t r, T* s) {
+    const int64_t n = p.n;
+    T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
+    const T *d = &row_d[b * n], *abar = &row_abar[b * n], *hbar = &row_hbar[b * n];
+    dots(at.row(p.k, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, prob, false);
+    probabilities(prob, r, n, at.in(p.lse, b, 1), true);
+    dots(at.row(p.v, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, dp, false);
+    std::fill(a, a + r * n, T(0));
+    if (p.gq) dots(at.row(p.k, b, j0, p.dk), r, gq_t.data() + b * n * p.dk, n, p.dk, a, true);
+    if (p.gk) dots(at.row(p.gk, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, a, true);
+    if (p.gv) dots(at.row(p.gv, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, h, false);
+    else std::fill(h, h + r * n, T(0));
+    for (int64_t x = 0; x < r; ++x) {
+      T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const T hi = (dpa[i] - d[i]) * aa[i] - dpa[i] * abar[i] + ha[i];
+        ha[i] = pa[i] * (hi - hbar[i]);
+        aa[i] = pa[i] * (aa[i] - abar[i]);
+        dpa[i] = pa[i] * (dpa[i] - d[i]);
+      }
+    }
+    T* grad_k = at.at(p.grad_k, b, j0, p.dk);
+    combine(h, r, n, at.in(p.q, b, p.dk), p.dk, grad_k, false);
+    if (p.gq) combine(dp, r, n, at.in(p.gq, b, p.dk), p.dk, grad_k, true);
+    combine(a, r, n, at.in(p.dout, b, p.dv), p.dv, at.at(p.grad_v, b, j0, p.dv), false);
+  });
+}
+
+template <template <typename> class Pass>
+void dispatch(const AttentionProblem& p) {
+  if (p.dtype == DType::Float64) Pass<double>::run(p);
+  else Pass<float>::run(p);
+}
+
+template <typename T> struct Forward { static void run(const AttentionProblem& p) { forward<T>(p); } };
+template <typename T> struct Backward { static void run(const AttentionProblem& p) { backward<T>(p); } };
+template <typename T> struct DoubleBackward { static void run(const AttentionProblem& p) { double_backward<T>(p); } };
+
+}  // namespace
+
+void attention_forward(const AttentionProblem& p) { dispatch<Forward>(p); }
+void attention_backward(const AttentionProblem& p) { dispatch<Backward>(p); }
+void attention_double_backward(const AttentionProblem& p) { dispatch<DoubleBackward>(p); }
+
+}  // namespace skd::cpu
