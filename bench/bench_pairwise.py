@@ -3,7 +3,8 @@
     python bench/bench_pairwise.py [--quick] [--device cpu|cuda]      # table + CSV in bench/results/
     pytest bench/bench_pairwise.py --benchmark-only                   # pytest-benchmark timings
 
-Rows: time (median, ms) and peak memory above the inputs (MB) for the official
+Rows: time (median, ms; on CPU in a process with glibc's usual allocator) and peak memory above the
+inputs (MB; on CPU in a re-exec that measures it, see bench/common.py) for the official
 CriterionPairWiseforWholeFeatAfterPool formula (it builds the M x M similarity matrices) and each
 fused backend on this device; `speedup` and `memory_ratio` are official / fused. Features are
 post-ReLU (as the PSP bottleneck's), student and teacher independent, or the teacher a 1e-3
@@ -23,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import skd_kernels as sk  # noqa: E402
-from common import RESULTS, device_name, ensure_cpu_measurement_env, peak_mb, print_table, time_ms, write_csv  # noqa: E402
+from common import RESULTS, cpu_timings_then_memory, device_name, peak_mb, print_table, time_ms, write_csv  # noqa: E402
 from skd_kernels.reference import pairwise_distill_reference  # noqa: E402
 
 # (name, B, Cs, Ct, H, W, options, features)
@@ -75,17 +76,35 @@ def make_step(impl: str, case, device):
     return step
 
 
+def _impls(case, device, official_limit_gb):
+    impls = ["official", *fused_backends(device)]
+    if official_matrix_gb(case) > official_limit_gb:
+        impls.remove("official")
+    return impls
+
+
+def time_all(cases, device, repeats, official_limit_gb) -> dict:
+    timings = {}
+    for case in cases:
+        for impl in _impls(case, device, official_limit_gb):
+            step = make_step(impl, case, device)
+            few = repeats if impl != "official" or official_matrix_gb(case) < 0.1 else max(1, repeats // 3)
+            timings[f"{case[0]}|{impl}"] = time_ms(step, device, few, warmup=1)
+            del step
+    return timings
+
+
 def run(cases, device: torch.device, repeats: int, official_limit_gb: float) -> list[dict]:
+    if device.type == "cpu":
+        timings = cpu_timings_then_memory(lambda: time_all(cases, device, repeats, official_limit_gb))
+    else:
+        timings = time_all(cases, device, repeats, official_limit_gb)
     rows = []
     for case in cases:
         measured = {}
-        impls = ["official", *fused_backends(device)]
-        if official_matrix_gb(case) > official_limit_gb:
-            impls.remove("official")
-        for impl in impls:
+        for impl in _impls(case, device, official_limit_gb):
             step = make_step(impl, case, device)
-            few = repeats if impl != "official" or official_matrix_gb(case) < 0.1 else max(1, repeats // 3)
-            measured[impl] = (time_ms(step, device, few, warmup=1), peak_mb(step, device))
+            measured[impl] = (timings[f"{case[0]}|{impl}"], peak_mb(step, device))
             del step
         official_ms, official_mb = measured.get("official", (float("nan"), float("nan")))
         name, b, cs, ct, h, w, options, kind = case
@@ -107,8 +126,6 @@ def main(argv=None) -> None:
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        ensure_cpu_measurement_env()
     repeats = args.repeats or (3 if args.quick else 5)
     rows = run(QUICK if args.quick else FULL, device, repeats, args.official_limit_gb)
     print_table(rows, ["case", "shape", "features", "impl", "ms", "peak_mb", "speedup", "memory_ratio"])

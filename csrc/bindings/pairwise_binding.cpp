@@ -38,8 +38,8 @@ skd::PairwiseNodesProblem make_problem(const at::Tensor& features, int64_t kerne
   check_buffer(inv_norm, at::kDouble, p.batch * m, "inv_norm");
   p.nodes = nodes.data_ptr<double>();
   p.inv_norm = inv_norm.data_ptr<double>();
-  TORCH_CHECK(argmax.has_value() == (p.pooling == skd::NodePooling::Max),
-              "skd_kernels: argmax is needed exactly for max pooling");
+  TORCH_CHECK(!argmax.has_value() || p.pooling == skd::NodePooling::Max,
+              "skd_kernels: argmax is for max pooling only");
   if (argmax) {
     check_buffer(*argmax, at::kInt, p.batch * p.channels * m, "argmax");
     p.argmax = argmax->data_ptr<int32_t>();
@@ -94,6 +94,8 @@ void pairwise_nodes_backward(const at::Tensor& features, int64_t kernel_h, int64
                              const std::optional<at::Tensor>& grad_outer_q, double grad_scale,
                              at::Tensor& grad_features) {
   auto p = make_problem(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax);
+  TORCH_CHECK(argmax.has_value() == (p.pooling == skd::NodePooling::Max),
+              "skd_kernels: the max-pooling backward needs the forward's argmax");
   TORCH_CHECK(grad_residual.scalar_type() == at::kFloat || grad_residual.scalar_type() == at::kDouble,
               "skd_kernels: grad_residual must be float32 or float64");
   check_buffer(grad_residual, grad_residual.scalar_type(), nodes.numel(), "grad_residual");

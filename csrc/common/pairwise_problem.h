@@ -26,7 +26,8 @@ struct PairwiseNodesProblem {
   const void* features; int64_t feature_strides[4];  // in elements, any layout
   // Forward outputs (contiguous): normalised nodes u (B, C, M) in float64, so that the float64
   // similarity core sees the features exactly; 1 / (the normaliser) per node (B, M); for max pooling
-  // the flat position h * W + w of each node's maximum (B, C, M).
+  // the flat position h * W + w of each node's maximum (B, C, M; max pooling, and only when the
+  // backward will run: nullptr skips tracking it).
   double* nodes;
   double* inv_norm;
   int32_t* argmax;

@@ -16,53 +16,97 @@
 namespace skd::cpu {
 namespace {
 
-struct Window {
-  int64_t h0, h1, w0, w1;  // [h0, h1) x [w0, w1), clipped to the map (ceil mode)
-};
-
-inline Window window(const PairwiseNodesProblem& p, int64_t i, int64_t j) {
-  return {i * p.kernel_h, std::min((i + 1) * p.kernel_h, p.height), j * p.kernel_w,
-          std::min((j + 1) * p.kernel_w, p.width)};
-}
-
 // The normaliser of the node whose pooled feature has squared norm `sumsq`.
 inline double inverse_norm(const PairwiseNodesProblem& p, double sumsq) {
   const double norm = std::sqrt(sumsq);
   return p.norm == NodeNorm::Official ? 1.0 / (norm + 1e-8) : 1.0 / std::max(norm, 1e-12);
 }
 
-template <typename Scalar>
+// Max or mean of every window of one channel over a row of nodes, into out[0, nw) and arg[0, nw).
+// Vectorised by columns: the window rows are folded into per-column maxima (and the row that gave
+// each) or sums with elementwise selects along contiguous input rows, then each node reduces its
+// columns. Ties go to the smallest flat index, as max_pool2d's scan; a window holding a NaN is
+// redone by the scalar scan (NaN wins there, as in max_pool2d).
+template <bool kUnitStride, bool kArgmax, typename Scalar, typename Acc>
+void pool_channel(const PairwiseNodesProblem& p, const Scalar* plane, int64_t i, double* out, int32_t* arg,
+                  Acc* col, int32_t* col_row) {
+  const int64_t* st = p.feature_strides;
+  const int64_t sw = kUnitStride ? 1 : st[3];  // a compile-time 1 lets the row loops vectorise
+  const int64_t width = p.width, h0 = i * p.kernel_h, h1 = std::min(h0 + p.kernel_h, p.height);
+  const bool max = p.pooling == NodePooling::Max;
+  int32_t nans = 0;
+  for (int64_t h = h0; h < h1; ++h) {
+    const Scalar* row = plane + h * st[2];
+    const int32_t hh = int32_t(h);
+    if (h == h0) {
+      for (int64_t w = 0; w < width; ++w) {
+        col[w] = to_acc(row[w * sw]);
+        col_row[w] = hh;
+        nans += col[w] != col[w];
+      }
+    } else if (max) {  // same-width lanes (float values, int32 rows) so that the selects vectorise
+      for (int64_t w = 0; w < width; ++w) {
+        const Acc v = to_acc(row[w * sw]);
+        nans += v != v;
+        const bool take = v > col[w];
+        col[w] = take ? v : col[w];
+        if (kArgmax) col_row[w] = take ? hh : col_row[w];
+      }
+    } else {
+      for (int64_t w = 0; w < width; ++w) col[w] += to_acc(row[w * sw]);
+    }
+  }
+  for (int64_t j = 0; j < p.nodes_w; ++j) {
+    const int64_t w0 = j * p.kernel_w, w1 = std::min(w0 + p.kernel_w, width);
+    double acc = col[w0];
+    int32_t best = int32_t(col_row[w0] * width + w0);
+    for (int64_t w = w0 + 1; w < w1; ++w) {
+      if (!max) { acc += col[w]; continue; }
+      const int32_t flat = int32_t(col_row[w] * width + w);
+      if (col[w] > acc || (col[w] == acc && flat < best)) { acc = col[w]; best = flat; }
+    }
+    if (max && nans) {  // rare: the exact scan of max_pool2d for this window
+      acc = -INFINITY;
+      best = int32_t(h0 * width + w0);
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const double v = to_acc(plane[h * st[2] + w * st[3]]);
+          if ((v > acc || std::isnan(v)) && !std::isnan(acc)) { acc = v; best = int32_t(h * width + w); }
+        }
+      }
+    }
+    out[j] = max ? acc : acc / double((h1 - h0) * (w1 - w0));
+    if (arg) arg[j] = best;
+  }
+}
+
+// The hot loops are compiled twice, for AVX2 (x86-64-v3) and the baseline, and picked at load time.
+template <typename Scalar, bool kUnitStride>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
 void nodes_forward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
+  using Acc = decltype(to_acc(Scalar{}));
+  const int64_t sw = kUnitStride ? 1 : p.feature_strides[3];
   const int64_t nw = p.nodes_w, m = p.nodes_h * nw, first = i * nw;
   const int64_t* st = p.feature_strides;
   const Scalar* base = static_cast<const Scalar*>(p.features) + b * st[0];
-  std::vector<double> sumsq(nw, 0.0);
+  std::vector<double> sumsq(nw, 0.0), sums(p.pooling == NodePooling::Avg ? p.width : 0);
+  std::vector<Acc> maxima(p.pooling == NodePooling::Max ? p.width : 0);
+  std::vector<int32_t> col_row(p.width);
   for (int64_t c = 0; c < p.channels; ++c) {
     double* out = p.nodes + (b * p.channels + c) * m + first;
     int32_t* arg = p.argmax ? p.argmax + (b * p.channels + c) * m + first : nullptr;
     const Scalar* plane = base + c * st[1];
     if (p.pooling == NodePooling::None) {
       const Scalar* row = plane + i * st[2];
-      for (int64_t j = 0; j < nw; ++j) out[j] = to_acc(row[j * st[3]]);
+      for (int64_t j = 0; j < nw; ++j) out[j] = to_acc(row[j * sw]);
     } else {
-      for (int64_t j = 0; j < nw; ++j) {
-        const Window win = window(p, i, j);
-        double acc = p.pooling == NodePooling::Max ? -INFINITY : 0.0;
-        int32_t best = int32_t(win.h0 * p.width + win.w0);
-        for (int64_t h = win.h0; h < win.h1; ++h) {
-          const Scalar* row = plane + h * st[2];
-          for (int64_t w = win.w0; w < win.w1; ++w) {
-            const double v = to_acc(row[w * st[3]]);
-            if (p.pooling == NodePooling::Avg) {
-              acc += v;
-            } else if (v > acc || std::isnan(v)) {  // the first maximum, and NaN wins: as max_pool2d
-              if (!std::isnan(acc)) { acc = v; best = int32_t(h * p.width + w); }
-            }
-          }
-        }
-        if (p.pooling == NodePooling::Avg) acc /= double((win.h1 - win.h0) * (win.w1 - win.w0));
-        out[j] = acc;
-        if (arg) arg[j] = best;
+      // "No gradient wanted, no argmax" is common (the teacher): its own loop.
+      if (p.pooling == NodePooling::Max && arg) {
+        pool_channel<kUnitStride, true>(p, plane, i, out, arg, maxima.data(), col_row.data());
+      } else if (p.pooling == NodePooling::Max) {
+        pool_channel<kUnitStride, false>(p, plane, i, out, arg, maxima.data(), col_row.data());
+      } else {  // sums in double
+        pool_channel<kUnitStride, false>(p, plane, i, out, arg, sums.data(), col_row.data());
       }
     }
     for (int64_t j = 0; j < nw; ++j) sumsq[j] += out[j] * out[j];
@@ -92,6 +136,7 @@ void load_grad_u(const PairwiseNodesProblem& p, int64_t b, int64_t c, int64_t fi
 }
 
 template <typename Scalar>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
 void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
   const int64_t nw = p.nodes_w, m = p.nodes_h * nw, first = i * nw;
   const double* inv = p.inv_norm + b * m + first;
@@ -113,19 +158,25 @@ void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
     load_grad_u(p, b, c, first, nw, du.data());
     const int32_t* arg = p.argmax ? p.argmax + (b * p.channels + c) * m + first : nullptr;
     Scalar* plane = base + c * gs[1];
-    for (int64_t j = 0; j < nw; ++j) {
-      const double dp = (du[j] - u[j] * radial[j]) * inv[j];
-      if (p.pooling == NodePooling::None) {
-        store(plane + i * gs[2] + j * gs[3], dp);
-        continue;
-      }
-      const Window win = window(p, i, j);
-      const double share = p.pooling == NodePooling::Avg ? dp / double((win.h1 - win.h0) * (win.w1 - win.w0)) : 0.0;
-      for (int64_t h = win.h0; h < win.h1; ++h) {
-        Scalar* row = plane + h * gs[2];
-        for (int64_t w = win.w0; w < win.w1; ++w) {
-          const double g = arg ? (arg[j] == h * p.width + w ? dp : 0.0) : share;
-          store(row + w * gs[3], g);
+    for (int64_t j = 0; j < nw; ++j) du[j] = (du[j] - u[j] * radial[j]) * inv[j];  // now d p
+    if (p.pooling == NodePooling::None) {
+      Scalar* row = plane + i * gs[2];
+      for (int64_t j = 0; j < nw; ++j) store(row + j * gs[3], du[j]);
+      continue;
+    }
+    // Every position of the node row's windows is written: d p / count (avg), or d p at the
+    // window's maximum and 0 elsewhere (max); row by row, contiguous runs per window.
+    const int64_t h0 = i * p.kernel_h, h1 = std::min(h0 + p.kernel_h, p.height);
+    for (int64_t h = h0; h < h1; ++h) {
+      Scalar* row = plane + h * gs[2];
+      for (int64_t j = 0; j < nw; ++j) {
+        const int64_t w0 = j * p.kernel_w, w1 = std::min(w0 + p.kernel_w, p.width);
+        const double share = arg ? du[j] : du[j] / double((h1 - h0) * (w1 - w0));
+        const int64_t target = arg ? arg[j] - h * p.width : -1;  // column of the maximum in this row, if any
+        if (gs[3] == 1) {
+          for (int64_t w = w0; w < w1; ++w) store(row + w, (!arg || w == target) ? share : 0.0);
+        } else {
+          for (int64_t w = w0; w < w1; ++w) store(row + w * gs[3], (!arg || w == target) ? share : 0.0);
         }
       }
     }
@@ -175,6 +226,65 @@ void centre(const PairwiseCentreProblem& p) {
   }
 }
 
+// Node size 1 on maps whose rows are contiguous: nodes are flat positions, so the work unit is a
+// chunk of kFlatChunk positions of one image, all channels. Each channel step then moves kFlatChunk
+// contiguous elements (a node-row unit would touch a new page per channel for 65 of them).
+constexpr int64_t kFlatChunk = 1024;
+
+inline bool flat_layout(const PairwiseNodesProblem& p, const int64_t* strides) {
+  return p.pooling == NodePooling::None && strides[3] == 1 && strides[2] == p.width;
+}
+
+template <typename Scalar>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+void nodes_forward_flat(const PairwiseNodesProblem& p, int64_t b, int64_t k0) {
+  const int64_t m = p.height * p.width, n = std::min(kFlatChunk, m - k0);
+  double sumsq[kFlatChunk] = {};
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const Scalar* in = static_cast<const Scalar*>(p.features) + b * p.feature_strides[0] + c * p.feature_strides[1] + k0;
+    double* out = p.nodes + (b * p.channels + c) * m + k0;
+    for (int64_t k = 0; k < n; ++k) {
+      out[k] = to_acc(in[k]);
+      sumsq[k] += out[k] * out[k];
+    }
+  }
+  double* inv = p.inv_norm + b * m + k0;
+  for (int64_t k = 0; k < n; ++k) inv[k] = inverse_norm(p, sumsq[k]);
+  for (int64_t c = 0; c < p.channels; ++c) {
+    double* out = p.nodes + (b * p.channels + c) * m + k0;
+    for (int64_t k = 0; k < n; ++k) out[k] *= inv[k];
+  }
+}
+
+template <typename Scalar>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+void nodes_backward_flat(const PairwiseNodesProblem& p, int64_t b, int64_t k0) {
+  const int64_t m = p.height * p.width, n = std::min(kFlatChunk, m - k0);
+  const double* inv = p.inv_norm + b * m + k0;
+  double du[kFlatChunk], radial[kFlatChunk] = {};
+  if (p.norm == NodeNorm::Paper) {  // see nodes_backward_row
+    for (int64_t c = 0; c < p.channels; ++c) {
+      const double* u = p.nodes + (b * p.channels + c) * m + k0;
+      load_grad_u(p, b, c, k0, n, du);
+      for (int64_t k = 0; k < n; ++k) radial[k] += u[k] * du[k];
+    }
+    for (int64_t k = 0; k < n; ++k) radial[k] = inv[k] >= 1e12 ? 0.0 : radial[k];
+  }
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const double* u = p.nodes + (b * p.channels + c) * m + k0;
+    Scalar* out = static_cast<Scalar*>(p.grad_features) + b * p.grad_strides[0] + c * p.grad_strides[1] + k0;
+    load_grad_u(p, b, c, k0, n, du);
+    for (int64_t k = 0; k < n; ++k) store(out + k, (du[k] - u[k] * radial[k]) * inv[k]);
+  }
+}
+
+template <typename Scalar>
+void over_chunks(const PairwiseNodesProblem& p, void (*chunk)(const PairwiseNodesProblem&, int64_t, int64_t)) {
+  const int64_t m = p.height * p.width, chunks = (m + kFlatChunk - 1) / kFlatChunk;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t w = 0; w < p.batch * chunks; ++w) chunk(p, w / chunks, (w % chunks) * kFlatChunk);
+}
+
 template <typename Scalar>
 void over_rows(const PairwiseNodesProblem& p, void (*row)(const PairwiseNodesProblem&, int64_t, int64_t)) {
   const int64_t rows = p.batch * p.nodes_h;
@@ -192,8 +302,20 @@ void dispatch(const PairwiseNodesProblem& p) {
   }
 }
 
-template <typename Scalar> struct Forward { static void run(const PairwiseNodesProblem& p) { over_rows<Scalar>(p, nodes_forward_row<Scalar>); } };
-template <typename Scalar> struct Backward { static void run(const PairwiseNodesProblem& p) { over_rows<Scalar>(p, nodes_backward_row<Scalar>); } };
+template <typename Scalar> struct Forward {
+  static void run(const PairwiseNodesProblem& p) {
+    // Unit stride along rows (NCHW) is the common case: a compile-time stride lets the loops vectorise.
+    if (flat_layout(p, p.feature_strides)) over_chunks<Scalar>(p, nodes_forward_flat<Scalar>);
+    else if (p.feature_strides[3] == 1) over_rows<Scalar>(p, nodes_forward_row<Scalar, true>);
+    else over_rows<Scalar>(p, nodes_forward_row<Scalar, false>);
+  }
+};
+template <typename Scalar> struct Backward {
+  static void run(const PairwiseNodesProblem& p) {
+    if (flat_layout(p, p.grad_strides)) over_chunks<Scalar>(p, nodes_backward_flat<Scalar>);
+    else over_rows<Scalar>(p, nodes_backward_row<Scalar>);
+  }
+};
 
 }  // namespace
 

@@ -284,7 +284,7 @@ def _tiled(us, ut, want_s, want_t):
 class _Nodes:
     """One feature map's nodes (B, C, M) float64 and what their backward needs."""
 
-    def __init__(self, features, kernel, pooling, normalization, backend):
+    def __init__(self, features, kernel, pooling, normalization, backend, need_grad=True):
         self.features, self.kernel, self.pooling, self.normalization = features, kernel, pooling, normalization
         self.backend = backend
         b, c, h, w = features.shape
@@ -292,7 +292,9 @@ class _Nodes:
         device = features.device
         self.u = torch.empty((b, c, m), dtype=torch.float64, device=device)
         self.inv_norm = torch.empty((b, m), dtype=torch.float64, device=device)
-        self.argmax = torch.empty((b, c, m), dtype=torch.int32, device=device) if pooling == "max" else None
+        # The maxima's positions only when the backward will run (tracking them costs the pooling time).
+        self.argmax = (torch.empty((b, c, m), dtype=torch.int32, device=device)
+                       if pooling == "max" and need_grad else None)
         if backend == "torch":
             self._torch_forward()
         else:
@@ -379,8 +381,8 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
     gt = torch.empty_like(teacher) if want_t else None
     total = torch.zeros((), dtype=torch.float64, device=student.device)
     for part in _chunks(student, teacher, m):
-        ns = _Nodes(student[part], kernel, pooling, normalization, backend)
-        nt = _Nodes(teacher[part], kernel, pooling, normalization, backend)
+        ns = _Nodes(student[part], kernel, pooling, normalization, backend, need_grad=want_s)
+        nt = _Nodes(teacher[part], kernel, pooling, normalization, backend, need_grad=want_t)
 
         def centre(u, dtype):
             return (ns if u is ns.u else nt).centre(dtype)

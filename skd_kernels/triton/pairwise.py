@@ -31,7 +31,8 @@ def _nodes_forward_kernel(
     x_ptr, u_ptr, inv_ptr, arg_ptr,
     C, H, W, NW, M, KH, KW,
     x_sb, x_sc, x_sh, x_sw,
-    POOLING: tl.constexpr, PAPER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    POOLING: tl.constexpr, PAPER: tl.constexpr, ARGMAX: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(1)
     node = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +66,7 @@ def _nodes_forward_kernel(
         acc = tl.where(mask, acc, 0.0)
         u_off = (b * C + chan[:, None]) * M + node[None, :]
         tl.store(u_ptr + u_off, acc, mask=mask)
-        if POOLING == 1:
+        if ARGMAX:
             tl.store(arg_ptr + u_off, best, mask=mask)
         sumsq += tl.sum(acc * acc, axis=0)
     norm = tl.sqrt(sumsq)
@@ -163,9 +164,9 @@ def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, stride
 def pairwise_nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax) -> None:
     """Same contract as the C++/CUDA `pairwise_nodes_forward` (codes: pooling none/max/avg = 0/1/2,
     norm official/paper = 0/1)."""
-    arg = argmax if argmax is not None else inv_norm  # never dereferenced without max pooling
+    arg = argmax if argmax is not None else inv_norm  # never dereferenced without ARGMAX
     _launch(_nodes_forward_kernel, features, kernel_h, kernel_w, pooling, norm,
-            (features, nodes, inv_norm, arg), features.stride())
+            (features, nodes, inv_norm, arg), features.stride(), ARGMAX=argmax is not None)
 
 
 def pairwise_nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax, grad_residual,
