@@ -4,6 +4,9 @@ Importing compiles nothing: C++/CUDA kernels build at first use, Triton is impor
 """
 from . import reference
 from .backends import BACKENDS, available_backends
+from .discriminator import Discriminator, SelfAttention, SpectralNorm
+from .holistic import (CriterionAdditionalGP, CriterionAdv, CriterionAdvForG, HolisticDistillLoss,
+                       adversarial_d_loss, adversarial_g_loss, gradient_penalty)
 from .modules import CriterionPixelWise, PixelWiseDistillLoss
 from .ops.pixelwise import pixelwise_distill_loss
 
@@ -11,9 +14,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CriterionAdditionalGP",
+    "CriterionAdv",
+    "CriterionAdvForG",
     "CriterionPixelWise",
+    "Discriminator",
+    "HolisticDistillLoss",
     "PixelWiseDistillLoss",
+    "SelfAttention",
+    "SpectralNorm",
+    "adversarial_d_loss",
+    "adversarial_g_loss",
     "available_backends",
+    "gradient_penalty",
     "pixelwise_distill_loss",
     "reference",
 ]
