@@ -8,6 +8,7 @@ from .discriminator import Discriminator, SelfAttention, SpectralNorm
 from .holistic import (CriterionAdditionalGP, CriterionAdv, CriterionAdvForG, HolisticDistillLoss,
                        adversarial_d_loss, adversarial_g_loss, gradient_penalty)
 from .modules import CriterionPixelWise, PixelWiseDistillLoss
+from .ops.attention import fused_attention
 from .ops.pixelwise import pixelwise_distill_loss
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "adversarial_d_loss",
     "adversarial_g_loss",
     "available_backends",
+    "fused_attention",
     "gradient_penalty",
     "pixelwise_distill_loss",
     "reference",
