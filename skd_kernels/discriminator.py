@@ -164,7 +164,10 @@ def _preprocess(mode: int, channels: int) -> nn.Module:
 
 
 def _sn_conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(SpectralNorm(nn.Conv2d(in_channels, out_channels, 4, 2, 1)), nn.LeakyReLU(0.1))
+    # In place: autograd then keeps only the activation's output (its backward needs no input when
+    # the slope is positive), not both, in every graph of the D step (the penalty keeps three).
+    conv = SpectralNorm(nn.Conv2d(in_channels, out_channels, 4, 2, 1))
+    return nn.Sequential(conv, nn.LeakyReLU(0.1, inplace=True))
 
 
 class Discriminator(nn.Module):

@@ -69,7 +69,7 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, lambda_gp: 
     """WGAN-GP: lambda_gp * mean_b((||d sum(critic(x_hat)) / d x_hat[b]||_2 - 1)^2).
 
     real, fake: (B, ...) critic inputs (detached here); x_hat = alpha * real + (1 - alpha) * fake with
-    alpha (B,) ~ U[0, 1) drawn per sample unless given. critic(x) returns the output tensor or a list
+    alpha (B,) ~ U[0, 1) drawn per sample (CPU generator, float32) unless given. critic(x) returns the output tensor or a list
     whose element 0 it is. The input gradient is taken with create_graph=True, so backward of the
     result reaches the critic's parameters through a second-order graph. The per-sample norm's
     gradient at a zero input gradient is 0, not NaN (see the module docstring).
@@ -77,8 +77,10 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, lambda_gp: 
     _check_pair("fake", fake, "real", real)
     b = real.shape[0]
     if alpha is None:
-        alpha = torch.rand(b, device=real.device, dtype=real.dtype)
-    alpha = alpha.reshape(b, *([1] * (real.dim() - 1)))
+        # Drawn as the official code does (float32 on the CPU generator, then moved), so that a seed
+        # reproduces its alpha.
+        alpha = torch.rand(b)
+    alpha = alpha.to(real.device, real.dtype).reshape(b, *([1] * (real.dim() - 1)))
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     out = _first(critic(x_hat))
     (grad,) = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True)
@@ -93,6 +95,8 @@ class HolisticDistillLoss(nn.Module):
     d_loss(student, teacher[, image]) -> the D loss on detached score maps (B, K, H, W):
         adversarial (wgan-gp or hinge) + for wgan-gp the gradient penalty (lambda_gp), times `weight`.
         With return_terms=True: (total, adversarial, penalty) (penalty 0 for hinge).
+    d_step(student, teacher[, image]) -> the same terms, detached, after running their backward one
+        graph at a time (same gradients, a third of the graphs alive: use it in training loops).
     g_loss(student[, image]) -> -mean D(S) times `weight`, differentiable w.r.t. the student.
 
     The penalty interpolates the discriminator's inputs: the raw score maps (so its preprocessing
@@ -131,6 +135,35 @@ class HolisticDistillLoss(nn.Module):
             penalty = gradient_penalty(critic, t_in, s_in, self.lambda_gp).to(adversarial.dtype)
         total = self.weight * (adversarial + penalty)
         return (total, adversarial, penalty) if return_terms else total
+
+    def d_step(self, student: torch.Tensor, teacher: torch.Tensor, image: Optional[torch.Tensor] = None):
+        """The D loss and its backward, one graph at a time: (total, adversarial, penalty), detached.
+
+        Accumulates into the discriminator's .grad exactly what `d_loss(...).backward()` does (the
+        same forwards in the same order, so the same BatchNorm statistics, power iterations and
+        alpha), but backpropagates each term right after its forward, so only one of the three
+        graphs (teacher, student, penalty) is alive at a time: the peak is the penalty's graph
+        instead of all three. Call optimiser.step() after it.
+        """
+        _check_pair("student", student, "teacher", teacher)
+        critic, s_in, t_in = self._critic_and_inputs(student.detach(), teacher.detach(), image)
+        w = self.weight
+        if self.adv_type == "wgan-gp":
+            real = -_first(critic(t_in)).mean()
+            (w * real).backward()
+            fake = _first(critic(s_in)).mean()
+        else:
+            real = torch.relu(1.0 - _first(critic(t_in))).mean()
+            (w * real).backward()
+            fake = torch.relu(1.0 + _first(critic(s_in))).mean()
+        (w * fake).backward()
+        adversarial = (real + fake).detach()
+        penalty = adversarial.new_zeros(())
+        if self.adv_type == "wgan-gp":
+            penalty = gradient_penalty(critic, t_in, s_in, self.lambda_gp)
+            (w * penalty).backward()
+            penalty = penalty.detach().to(adversarial.dtype)
+        return w * (adversarial + penalty), adversarial, penalty
 
     def g_loss(self, student: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.weight * adversarial_g_loss(_first(self.discriminator(student, image)
