@@ -27,3 +27,16 @@ def test_triton_backend_passes_the_pixelwise_tests_in_the_interpreter(tmp_path):
     skip_reasons = {case.find("skipped").get("message") for case in suite.iter("testcase")
                     if case.find("skipped") is not None}
     assert all("official form has no ignore mask" in reason for reason in skip_reasons), skip_reasons
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install --no-deps triton)")
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the Triton tests run on it directly")
+def test_triton_backend_passes_the_attention_tests_in_the_interpreter(tmp_path):
+    report = tmp_path / "report.xml"
+    code = ("import sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_attention.py', "
+            f"'-k', {SELECTION!r}, '--junitxml', {str(report)!r}]))")
+    result = run_python(code, env={"TRITON_INTERPRET": "1"}, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    suite = ElementTree.parse(report).getroot().find("testsuite")
+    tests, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+    assert skipped == 0 and tests >= 20, (tests, skipped)  # every Triton case ran

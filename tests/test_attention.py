@@ -1,0 +1,235 @@
+"""Fused SAGAN attention: every backend against the float64 reference, to the second derivative."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import skd_kernels as sk
+from skd_kernels.reference import attention_reference
+
+from conftest import CPU_BACKENDS_HERE, backend_device, run_python
+
+BACKENDS = ["cpu", "torch", "triton", "cuda"]
+LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+# (B, N, Dk, Dv): N = 1; N not a multiple of any tile (CPU strips of 64 rows, Triton tiles of 16/32);
+# Dk != Dv; and the official D's first block (N = 64, Dk = 32, Dv = 256).
+SHAPES = [(1, 1, 3, 5), (2, 7, 3, 5), (2, 65, 8, 16), (2, 64, 32, 256)]
+
+# Bound on max|got - ref| as a fraction of max|ref|, for results in the input dtype from
+# float32 accumulation (float64 for float64). The softmax's relative error grows with the energies
+# (exp(S) amplifies an absolute error of S), hence the factor (1 + max|S|) applied to each. Inputs
+# are O(1), so a reference that is exactly 0 (N = 1: P = 1) is met to O(eps): scales below 1 count as 1.
+RTOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def make_qkv(shape, dtype, device, scale=1.0, seed=0):
+    b, n, dk, dv = shape
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, n, dk, generator=g) * scale for _ in range(2))
+    v, dout = (torch.randn(b, n, dv, generator=g) for _ in range(2))
+    return [x.to(dtype).to(device) for x in (q, k, v, dout)]
+
+
+def energy_factor(q, k) -> float:
+    return 1.0 + torch.bmm(q.double(), k.double().transpose(1, 2)).abs().max().item()
+
+
+def assert_close(got, ref, dtype, factor, name):
+    assert got.dtype == dtype and got.shape == ref.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(got).all(), f"{name} has non-finite values"
+    error, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    bound = RTOL[dtype] * factor * max(scale, 1.0)
+    assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g} (max |ref| {scale:.3g})"
+
+
+def first_order(fn, q, k, v, dout):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    return (out, *torch.autograd.grad(out, leaves, dout))
+
+
+def second_order(fn, q, k, v, dout, cotangents):
+    """First gradients (create_graph=True), then the gradients of sum <cotangent, first gradient>
+    with respect to q, k, v and dout: what a gradient penalty needs."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, dout)]
+    first = torch.autograd.grad(fn(*leaves[:3]), leaves[:3], leaves[3], create_graph=True)
+    total = sum((f * c).sum() for f, c in zip(first, cotangents) if c is not None)
+    return first, torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+
+
+def fused(backend):
+    return lambda q, k, v: sk.fused_attention(q, k, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_gradients_match_fp64_reference(backend, shape):
+    device = backend_device(backend)
+    q, k, v, dout = make_qkv(shape, torch.float64, device)
+    got = first_order(fused(backend), q, k, v, dout)
+    ref = first_order(attention_reference, q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, torch.float64, energy_factor(q, k), name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_low_precision_within_stated_tolerance(backend, dtype, shape):
+    device = backend_device(backend)
+    q, k, v, dout = make_qkv(shape, dtype, device, scale=0.7)
+    got = first_order(fused(backend), q, k, v, dout)
+    ref = first_order(attention_reference, *(x.double() for x in (q, k, v, dout)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, dtype, energy_factor(q, k), name)
+
+
+COTANGENTS = {"all": (1, 1, 1), "dv_only": (0, 0, 1), "dq_dk_only": (1, 1, 0), "dk_only": (0, 1, 0)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", COTANGENTS)
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (2, 65, 8, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_double_backward_matches_fp64_reference(backend, which, shape):
+    device = backend_device(backend)
+    q, k, v, dout = make_qkv(shape, torch.float64, device)
+    g = torch.Generator().manual_seed(5)
+    cotangents = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(device) if use else None
+                  for x, use in zip((q, k, v), COTANGENTS[which])]
+    first, grads = second_order(fused(backend), q, k, v, dout, cotangents)
+    ref_first, ref_grads = second_order(attention_reference, q, k, v, dout, cotangents)
+    factor = energy_factor(q, k)
+    for name, a, b in zip(("q", "k", "v", "dout"), grads, ref_grads):
+        assert_close(a, b, torch.float64, factor, f"second-order gradient of {name}")
+    for name, a, b in zip(("dq", "dk", "dv"), first, ref_first):
+        assert_close(a, b, torch.float64, factor, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_and_gradgradcheck(backend):
+    device = backend_device(backend)
+    q, k, v, _ = make_qkv((1, 3, 2, 3), torch.float64, device)  # small: Triton runs interpreted here
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+    assert torch.autograd.gradcheck(fused(backend), inputs)
+    assert torch.autograd.gradgradcheck(fused(backend), inputs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_third_derivative_falls_back_exactly(backend):
+    backend_device(backend)
+    q, k, v, _ = make_qkv((1, 4, 2, 3), torch.float64, "cpu")
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+
+    def input_gradient(q, k, v):  # a function whose gradgradcheck needs third derivatives
+        out = sk.fused_attention(q, k, v, backend=backend)
+        return torch.autograd.grad((out**2).sum(), (q, k, v), create_graph=True)
+
+    assert torch.autograd.gradgradcheck(input_gradient, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_penalty_keeps_the_second_order_term(backend):
+    """dv = P^T dout depends on an upstream parameter W (q = x W) only through P, so the gradient of
+    the penalty |dv|^2 with respect to W is exactly the second-order term that SDPA's fused kernels
+    and flash-attention kernels drop: it must be non-zero and match the reference."""
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 33, 6, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64).to(device)
+    k, v, weights = (torch.randn(2, 33, d, generator=g, dtype=torch.float64).to(device) for d in (4, 7, 7))
+
+    def penalty_gradient(fn):
+        w_leaf, v_leaf = w.clone().requires_grad_(), v.clone().requires_grad_()
+        out = fn(x @ w_leaf, k, v_leaf)
+        (dv,) = torch.autograd.grad((out * weights).sum(), v_leaf, create_graph=True)
+        return torch.autograd.grad(dv.pow(2).sum(), w_leaf)[0]
+
+    got, ref = penalty_gradient(fused(backend)), penalty_gradient(attention_reference)
+    assert ref.abs().max() > 1e-3
+    assert_close(got, ref, torch.float64, energy_factor(x @ w, k), "penalty gradient of W")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saturated_softmax_stays_finite_and_exact(backend):
+    """Energies q.k ~ 1e3: exp overflows unless every pass subtracts the row maximum / lse."""
+    device = backend_device(backend)
+    q, k, v, dout = make_qkv((2, 9, 4, 6), torch.float64, device, scale=20.0)
+    assert torch.bmm(q, k.transpose(1, 2)).abs().max() > 500
+    cot = [torch.randn_like(x) for x in (q, k, v)]
+    got = second_order(fused(backend), q, k, v, dout, cot)
+    ref = second_order(attention_reference, q, k, v, dout, cot)
+    factor = energy_factor(q, k)
+    for a, b in zip((*got[0], *got[1]), (*ref[0], *ref[1])):
+        assert_close(a, b, torch.float64, factor, "saturated")
+    out32 = sk.fused_attention(q.float(), k.float(), v.float(), backend=backend)
+    assert torch.isfinite(out32).all()
+    assert_close(out32, attention_reference(q, k, v), torch.float32, factor, "saturated fp32 out")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_traces_forward_and_backward_without_graph_breaks(backend):
+    q, k, v, dout = make_qkv((2, 9, 3, 5), torch.float32, "cpu")
+    compiled = torch.compile(fused(backend), backend="aot_eager", fullgraph=True)
+    got = first_order(compiled, q, k, v, dout)
+    ref = first_order(attention_reference, *(x.double() for x in (q, k, v, dout)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, torch.float32, energy_factor(q, k), name)
+
+
+BAD_INPUTS = {
+    "q_not_3d": (lambda q, k, v: (q[0], k, v), ValueError, "q must be 3-d"),
+    "integer_q": (lambda q, k, v: (q.long(), k, v), TypeError, "q must be float32"),
+    "mixed_dtypes": (lambda q, k, v: (q, k.double(), v), TypeError, "q is torch.float32 but k"),
+    "k_other_dk": (lambda q, k, v: (q, k[..., :2], v), ValueError, "q and k must both be"),
+    "v_other_n": (lambda q, k, v: (q, k, v[:, :3]), ValueError, "v must be (B, N, Dv)"),
+    "empty_dv": (lambda q, k, v: (q, k, v[..., :0]), ValueError, "non-empty"),
+    "not_a_tensor": (lambda q, k, v: (q, k, v.tolist()), TypeError, "v must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_raise_clear_errors(case):
+    transform, error, message = BAD_INPUTS[case]
+    q, k, v, _ = make_qkv((2, 5, 3, 4), torch.float32, "cpu")
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sk.fused_attention(*transform(q, k, v))
+
+
+def test_unknown_backend_is_named():
+    q, k, v, _ = make_qkv((1, 2, 3, 4), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="'bogus' is not a backend"):
+        sk.fused_attention(q, k, v, backend="bogus")
+
+
+_MEMORY_SCRIPT = """
+import torch
+from skd_kernels import fused_attention
+from skd_kernels.reference import attention_reference
+from skd_kernels.memory import peak_memory_above_baseline
+g = torch.Generator().manual_seed(0)
+q, k, v = [torch.randn(2, 4096, d, generator=g).requires_grad_() for d in (32, 32, 256)]
+dout = torch.randn(2, 4096, 256, generator=g)
+fused_attention(q[:, :8], k[:, :8], v[:, :8], backend="cpu")  # build the extension first
+def step(fn):
+    def run():
+        fn(q, k, v).backward(dout)
+        q.grad = k.grad = v.grad = None
+    return run
+print("cpu", peak_memory_above_baseline(step(lambda *a: fused_attention(*a, backend="cpu"))))
+print("reference", peak_memory_above_baseline(step(attention_reference)))
+"""
+
+
+@pytest.mark.skipif(not CPU_BACKENDS_HERE, reason="needs Linux /proc for CPU peak memory")
+def test_forward_backward_memory_is_linear_in_n_at_n_4096():
+    """B=2, N=4096, Dk=32, Dv=256: inputs, out and gradients are ~21 MB together; one N x N float32
+    map is 64 MB per image. The fused step must stay far below one map; the reference holds several."""
+    from skd_kernels.memory import CPU_MEASUREMENT_ENV
+
+    result = run_python(_MEMORY_SCRIPT, env=CPU_MEASUREMENT_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peaks = {name: int(value) for name, value in (line.split() for line in result.stdout.splitlines())}
+    one_map = 4096 * 4096 * 4
+    assert peaks["cpu"] < 0.5 * one_map, peaks
+    assert peaks["reference"] > 2 * one_map, peaks  # the measurement does see N x N buffers
