@@ -11,8 +11,8 @@ from torch import nn
 import skd_kernels as sk
 from official_sagan import OfficialDiscriminator, OfficialSelfAttn, OfficialSpectralNorm, cvpr_input
 
-# Attention backends the fused blocks run on here (the C++ kernels join when branch attn ships them).
-FUSED_BACKENDS = ["torch"]
+# Attention backends the fused blocks run on here (CUDA/Triton: the attention op's own tests).
+FUSED_BACKENDS = ["torch", "cpu"]
 # fp64 runs the same arithmetic in another order: agreement to rounding. fp32: the official and fused
 # forms sum the softmax in different orders and the D's output is a sum over ~1e5 products.
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-4}
