@@ -47,7 +47,8 @@ def make_step(impl: str, shape, device, backend):
     return step
 
 
-def run(shapes, device: torch.device, backend, repeats: int) -> list[dict]:
+def run(shapes, device: torch.device, backend, repeats: int, path: Path) -> list[dict]:
+    """Measure every shape; the CSV is rewritten after each, so a long run interrupted keeps its rows."""
     rows = []
     for shape in shapes:
         # Large inputs take seconds per step on a CPU: fewer samples there.
@@ -63,6 +64,7 @@ def run(shapes, device: torch.device, backend, repeats: int) -> list[dict]:
                              impl=impl, backend=backend or "auto", ms=f"{ms:.1f}", peak_mb=f"{mb:.1f}",
                              speedup=f"{naive_ms / ms:.2f}", memory_ratio=f"{naive_mb / max(mb, 1e-9):.2f}"))
             print(rows[-1], flush=True)
+        write_csv(path, rows)
     return rows
 
 
@@ -78,10 +80,9 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         ensure_cpu_measurement_env()
     shapes = [OFFICIAL, QUICK_LARGE] if args.quick else [OFFICIAL, QUICK_LARGE, FULL_RESOLUTION]
-    rows = run(shapes, device, args.backend, args.repeats or (3 if args.quick else 5))
-    print_table(rows, ["shape", "impl", "backend", "ms", "peak_mb", "speedup", "memory_ratio"])
     path = args.csv or RESULTS / f"holistic_{device.type}{'_quick' if args.quick else ''}.csv"
-    write_csv(path, rows)
+    rows = run(shapes, device, args.backend, args.repeats or (3 if args.quick else 5), path)
+    print_table(rows, ["shape", "impl", "backend", "ms", "peak_mb", "speedup", "memory_ratio"])
     print(f"\n{rows[0]['device']}; written to {path}")
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice
+from .ops.attention import fused_attention
 
 ATTENTION_MODES = ("fused", "naive")
 
@@ -134,8 +135,6 @@ class SelfAttention(nn.Module):
         if self.attention == "naive":
             out, attention_map = _naive_attention(q, k, v)
         else:
-            from .ops.attention import fused_attention  # imported at first use: keeps import cheap
-
             out = fused_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend=self.backend)
             if return_attention:
                 attention_map = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
