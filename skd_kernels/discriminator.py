@@ -76,9 +76,14 @@ class SpectralNorm(nn.Module):
         return w_bar / sigma
 
     def forward(self, *args):
-        # Like the official module: set `module.weight` to the normalised weight, then run it.
-        setattr(self.module, self.name, self.normalized_weight())
-        return self.module(*args)
+        # Like the official module: set `module.weight` to the normalised weight, then run it. Left
+        # behind detached, so that the module holds no graph and deep-copies (EMA, checkpoints).
+        weight = self.normalized_weight()
+        setattr(self.module, self.name, weight)
+        try:
+            return self.module(*args)
+        finally:
+            setattr(self.module, self.name, weight.detach())
 
 
 def _naive_attention(q, k, v):

@@ -80,6 +80,14 @@ def test_spectral_norm_normalises_by_the_largest_singular_value_after_iterating(
     assert not conv.module.weight_u.requires_grad and not conv.module.weight_v.requires_grad
 
 
+def test_discriminator_deep_copies_after_a_forward():
+    d = sk.Discriminator(2, 19, attention="naive")
+    d(torch.randn(1, 19, 65, 65))
+    copied = copy.deepcopy(d)
+    x = torch.randn(1, 19, 65, 65)
+    assert torch.equal(copied(x)[0], d(x)[0])
+
+
 def test_spectral_norm_matches_the_official_module_with_the_same_state():
     torch.manual_seed(0)
     official = OfficialSpectralNorm(nn.Conv2d(4, 3, 2)).double()
