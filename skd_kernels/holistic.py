@@ -69,8 +69,8 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, lambda_gp: 
     """WGAN-GP: lambda_gp * mean_b((||d sum(critic(x_hat)) / d x_hat[b]||_2 - 1)^2).
 
     real, fake: (B, ...) critic inputs (detached here); x_hat = alpha * real + (1 - alpha) * fake with
-    alpha (B,) ~ U[0, 1) drawn per sample (CPU generator, float32) unless given. critic(x) returns the output tensor or a list
-    whose element 0 it is. The input gradient is taken with create_graph=True, so backward of the
+    alpha (B,) ~ U[0, 1) drawn per sample (CPU generator, float32) unless given. critic(x) returns the
+    output tensor or a list whose element 0 it is. The input gradient is taken with create_graph=True, so backward of the
     result reaches the critic's parameters through a second-order graph. The per-sample norm's
     gradient at a zero input gradient is 0, not NaN (see the module docstring).
     """
