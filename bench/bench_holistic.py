@@ -24,8 +24,7 @@ import skd_kernels as sk  # noqa: E402
 from common import RESULTS, device_name, ensure_cpu_measurement_env, peak_mb, print_table, time_ms, write_csv  # noqa: E402
 
 OFFICIAL = (8, 19, 65, 65)      # 1/8-resolution logits of a 512 crop: N = 64 at attn1
-FULL_RESOLUTION = (8, 19, 512, 512)  # N = 4096 at attn1, 1024 at attn2
-QUICK_LARGE = (1, 19, 512, 512)
+FULL_RESOLUTION = (19, 512, 512)  # N = 4096 at attn1, 1024 at attn2; batch from --large-batch
 IMPLS = ("naive", "fused", "fused_d_step")
 
 
@@ -72,14 +71,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None, help="fused attention backend (default: auto)")
-    parser.add_argument("--quick", action="store_true", help=f"{OFFICIAL} and {QUICK_LARGE} only")
+    parser.add_argument("--quick", action="store_true", help=f"{OFFICIAL} and batch 1 at 512x512 only")
+    parser.add_argument("--large-batch", type=int, default=8,
+                        help="batch at 512x512 besides 1 (the naive step needs ~1.2 GB per image on CPU)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         ensure_cpu_measurement_env()
-    shapes = [OFFICIAL, QUICK_LARGE] if args.quick else [OFFICIAL, QUICK_LARGE, FULL_RESOLUTION]
+    shapes = [OFFICIAL, (1, *FULL_RESOLUTION)] + ([] if args.quick else [(args.large_batch, *FULL_RESOLUTION)])
     path = args.csv or RESULTS / f"holistic_{device.type}{'_quick' if args.quick else ''}.csv"
     rows = run(shapes, device, args.backend, args.repeats or (3 if args.quick else 5), path)
     print_table(rows, ["shape", "impl", "backend", "ms", "peak_mb", "speedup", "memory_ratio"])
