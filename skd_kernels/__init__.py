@@ -4,6 +4,9 @@ Importing compiles nothing: C++/CUDA kernels build at first use, Triton is impor
 """
 from . import reference
 from .backends import BACKENDS, available_backends
+from .discriminator import Discriminator, SelfAttention, SpectralNorm
+from .holistic import (CriterionAdditionalGP, CriterionAdv, CriterionAdvForG, HolisticDistillLoss,
+                       adversarial_d_loss, adversarial_g_loss, gradient_penalty)
 from .modules import (CriterionPairWiseforWholeFeatAfterPool, CriterionPixelWise, PairWiseDistillLoss,
                       PixelWiseDistillLoss)
 from .ops.attention import fused_attention
@@ -14,12 +17,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CriterionAdditionalGP",
+    "CriterionAdv",
+    "CriterionAdvForG",
     "CriterionPairWiseforWholeFeatAfterPool",
     "CriterionPixelWise",
+    "Discriminator",
+    "HolisticDistillLoss",
     "PairWiseDistillLoss",
     "PixelWiseDistillLoss",
+    "SelfAttention",
+    "SpectralNorm",
+    "adversarial_d_loss",
+    "adversarial_g_loss",
     "available_backends",
     "fused_attention",
+    "gradient_penalty",
     "pairwise_distill_loss",
     "pixelwise_distill_loss",
     "reference",
