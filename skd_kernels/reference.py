@@ -114,3 +114,18 @@ def pairwise_distill_reference(student, teacher, *, scale=None, node_size=None, 
     sim_t = node_similarity(pairwise_nodes(teacher, kernel, pooling), normalization)
     nodes = sim_s.shape[-1]
     return ((sim_t - sim_s) ** 2).sum() / nodes**2 / student.shape[0]
+
+
+# --- attention (SAGAN Self_Attn) ------------------------------------------------------------------
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAGAN attention as in the official Self_Attn, materialising the N x N attention map:
+    out[b, i] = sum_j softmax_j(q[b, i] . k[b, j]) v[b, j], with no 1/sqrt(d) scaling.
+
+    q, k: (B, N, Dk); v: (B, N, Dv). Returns (B, N, Dv) in the inputs' dtype, computed in float32
+    (float64 for float64 input). Differentiable to any order by autograd.
+    """
+    acc = _compute_dtype(q)
+    energy = torch.bmm(q.to(acc), k.to(acc).transpose(1, 2))  # (B, N, N)
+    attention = torch.softmax(energy, dim=-1)
+    return torch.bmm(attention, v.to(acc)).to(q.dtype)

@@ -1,0 +1,217 @@
+"""Fused SAGAN self-attention: input checks, backend dispatch, torch.library ops and their autograd.
+
+Three ops, each a pass over the attention map one tile of rows at a time (never N x N):
+  skd::attention_forward(q, k, v)                        -> (out, lse)
+  skd::attention_backward(q, k, v, out, lse, dout)       -> (dq, dk, dv)
+  skd::attention_double_backward(q, k, v, lse, dout, gq, gk, gv) -> (grad q, grad k, grad v, grad dout)
+The forward's autograd calls attention_backward; attention_backward's autograd calls
+attention_double_backward, so `torch.autograd.grad(..., create_graph=True)` followed by a second
+backward (a gradient penalty) is exact and memory-lean. The math of every pass is written out in
+`attention_chunked.py`. A third derivative falls back to differentiating the reference.
+
+Arithmetic is float32 for float32/float16/bfloat16 input and float64 for float64: half inputs are
+converted once to float32 (O(N*C) memory) and results rounded back to the input dtype. `lse` is
+returned in the accumulation dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as check
+from .._extension import load_extension
+from ..backends import resolve_backend
+from ..reference import attention_reference
+from . import attention_chunked
+
+
+def _check_inputs(q, k, v) -> None:
+    check.check_float_tensor("q", q, 3, "(B, N, Dk)")
+    check.check_float_tensor("k", k, 3, "(B, N, Dk)")
+    check.check_float_tensor("v", v, 3, "(B, N, Dv)")
+    check.check_same("q", q, "k", k)
+    check.check_same("q", q, "v", v)
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must both be (B, N, Dk) with the same sizes; got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must be (B, N, Dv) with the (B, N) of q = {tuple(q.shape[:2])}; got {tuple(v.shape)}")
+    if min(q.shape) == 0 or v.shape[2] == 0:
+        raise ValueError(f"q, k, v must be non-empty; got {tuple(q.shape)} and v {tuple(v.shape)}")
+    check.check_finite("q", q)
+    check.check_finite("k", k)
+    check.check_finite("v", v)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """SAGAN attention without the N x N map: out[b, i] = sum_j softmax_j(q[b, i] . k[b, j]) v[b, j]
+    (no 1/sqrt(d) scaling, as in the official Self_Attn).
+
+    Args:
+        q, k: (B, N, Dk); v: (B, N, Dv); float32/float16/bfloat16/float64, same dtype and device.
+        backend: ``"torch"`` (row-block PyTorch), ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"auto"``;
+            default: SKD_BACKEND or auto.
+
+    Returns:
+        out (B, N, Dv) in the inputs' dtype. Differentiable twice exactly (gradient penalties);
+        memory O(B * N * (Dk + Dv)) plus one tile of the map, forward and backward.
+    """
+    _check_inputs(q, k, v)
+    name = resolve_backend(q.device.type, backend)
+    out, _ = attention_forward(q, k, v, name)
+    return out
+
+
+# --- backend passes, all on contiguous tensors in the accumulation dtype ------------------------
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acc(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if x is None else x.to(dtype).contiguous()
+
+
+class _ExtensionPasses:
+    """The C++ (cpu) or CUDA extension's entry points behind the passes' Python signature."""
+
+    def __init__(self, backend: str):
+        self.module = load_extension(backend)
+        if self.module is None:
+            raise RuntimeError(f"skd::attention: the {backend} backend could not be built (see the warning)")
+
+    def forward(self, q, k, v):
+        out = q.new_empty((*q.shape[:2], v.shape[2]))
+        lse = q.new_empty(q.shape[:2])
+        self.module.attention_forward(q, k, v, out, lse)
+        return out, lse
+
+    def backward(self, q, k, v, lse, dout):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self.module.attention_backward(q, k, v, lse, dout, dq, dk, dv)
+        return dq, dk, dv
+
+    def double_backward(self, q, k, v, lse, dout, gq, gk, gv):
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dout))
+        self.module.attention_double_backward(q, k, v, lse, dout, gq, gk, gv, *grads)
+        return grads
+
+
+def _passes(backend: str):
+    if backend == "torch":
+        return attention_chunked
+    if backend == "triton":
+        from ..triton import attention as triton_attention
+
+        return triton_attention
+    return _ExtensionPasses(backend)
+
+
+# --- the ops --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("skd::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated input -> (out (B, N, Dv) in the input dtype, row log-sum-exp (B, N), accumulation dtype)."""
+    acc = _acc_dtype(q)
+    out, lse = _passes(backend).forward(_acc(q, acc), _acc(k, acc), _acc(v, acc))
+    return out.to(q.dtype), lse
+
+
+@attention_forward.register_fake
+def _(q, k, v, backend):
+    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty(q.shape[:2], dtype=_acc_dtype(q))
+
+
+@torch.library.custom_op("skd::attention_backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       dout: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the attention for the incoming gradient dout (B, N, Dv), in the input dtype.
+
+    `out` is unused by the kernels (they form D_i = dout_i . out_i from the recomputed map, which is
+    exact even when `out` was rounded to half precision); it is an input so that the op's
+    signature says what the result depends on."""
+    acc = _acc_dtype(q)
+    grads = _passes(backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, acc), _acc(dout, acc))
+    return tuple(g.to(q.dtype) for g in grads)
+
+
+@attention_backward.register_fake
+def _(q, k, v, out, lse, dout, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("skd::attention_double_backward", mutates_args=())
+def attention_double_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                              dout: torch.Tensor, gq: Optional[torch.Tensor], gk: Optional[torch.Tensor],
+                              gv: Optional[torch.Tensor], backend: str
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients with respect to (q, k, v, dout) of <gq, dq> + <gk, dk> + <gv, dv>, where (dq, dk, dv)
+    is attention_backward's result; gq, gk (B, N, Dk), gv (B, N, Dv) or None for zero."""
+    acc = _acc_dtype(q)
+    grads = _passes(backend).double_backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, acc),
+                                             _acc(dout, acc), _acc(gq, acc), _acc(gk, acc), _acc(gv, acc))
+    return tuple(g.to(q.dtype) for g in grads)
+
+
+@attention_double_backward.register_fake
+def _(q, k, v, lse, dout, gq, gk, gv, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dout)
+
+
+# --- autograd -------------------------------------------------------------------------------------
+
+def _forward_setup(ctx, inputs, output):
+    q, k, v, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.backend = backend
+
+
+def _forward_backward(ctx, dout, _dlse):
+    if dout is None:
+        return None, None, None, None
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward(q, k, v, out, lse, dout.contiguous(), ctx.backend)
+    return dq, dk, dv, None
+
+
+attention_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
+def _backward_setup(ctx, inputs, output):
+    q, k, v, out, lse, dout, backend = inputs
+    ctx.save_for_backward(q, k, v, lse, dout)
+    ctx.backend = backend
+
+
+def _backward_backward(ctx, gq, gk, gv):
+    # `out` and `lse` are functions of q, k, v: the formulas differentiate through them, so those
+    # two inputs get no gradient of their own (that would count their dependence twice).
+    q, k, v, lse, dout = ctx.saved_tensors
+    need_q, need_k, need_v, _, _, need_dout, _ = ctx.needs_input_grad
+    if not (need_q or need_k or need_v or need_dout) or (gq is None and gk is None and gv is None):
+        return (None,) * 7
+    if torch.is_grad_enabled():
+        grads = _third_order_via_reference(q, k, v, dout, gq, gk, gv)
+    else:
+        grads = attention_double_backward(q, k, v, lse, dout, gq, gk, gv, ctx.backend)
+    grad_q, grad_k, grad_v, grad_dout = grads
+    return (grad_q if need_q else None, grad_k if need_k else None, grad_v if need_v else None, None, None,
+            grad_dout if need_dout else None, None)
+
+
+def _third_order_via_reference(q, k, v, dout, gq, gk, gv):
+    """The double backward as a differentiable graph (create_graph=True twice), from the reference:
+    materialises N x N, but only a third derivative ever comes here."""
+    leaves = [x if x.requires_grad else x.detach().requires_grad_() for x in (q, k, v, dout)]
+    out = attention_reference(*leaves[:3])
+    first = torch.autograd.grad(out, leaves[:3], leaves[3], create_graph=True)
+    total = sum((f * g).sum() for f, g in zip(first, (gq, gk, gv)) if g is not None)
+    return torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+
+
+attention_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
