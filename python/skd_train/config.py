@@ -46,7 +46,8 @@ class TrainConfig:
     d_weight: float = 0.1                    # D step: d_weight * (adversarial + GP)
     lambda_gp: float = 10.0
     adv_type: str = "wgan-gp"
-    d_input_size: Optional[int] = None       # resize logits to this square size before D (official D: 65)
+    d_input_size: Optional[int] = None       # resize logits to this square size before D; None: as they are,
+                                             # or 65 (the official size) when smaller than D's minimum 64
     # Optimisation (official recipe)
     steps: int = 40000
     batch_size: int = 8

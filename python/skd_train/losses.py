@@ -10,6 +10,8 @@ from torch import nn
 
 from .config import TrainConfig
 
+MIN_D_INPUT = 64  # skd_kernels.Discriminator's smallest input (its last 4x4 conv needs a 4x4 map)
+
 
 def upsample_to(logits: torch.Tensor, size) -> torch.Tensor:
     """Bilinear, align_corners=True: how the official CriterionDSN brings logits to the label size."""
@@ -82,16 +84,6 @@ class _ReferencePairWise(nn.Module):
                                           pooling="max", normalization="official")
 
 
-def holistic_parts():
-    """(Discriminator, CriterionAdv, CriterionAdvForG, CriterionAdditionalGP): skd_kernels' when shipped."""
-    try:
-        from skd_kernels import Discriminator
-        from skd_kernels.holistic import CriterionAdditionalGP, CriterionAdv, CriterionAdvForG
-    except ImportError:
-        from ._fallback_disc import CriterionAdditionalGP, CriterionAdv, CriterionAdvForG, Discriminator
-    return Discriminator, CriterionAdv, CriterionAdvForG, CriterionAdditionalGP
-
-
 class DistillLosses(nn.Module):
     """The distillation terms switched on in `cfg`, and the discriminator when holistic is on.
 
@@ -110,7 +102,7 @@ class DistillLosses(nn.Module):
             self.pair = _pairwise_loss(cfg.pair_scale)
         self.D: Optional[nn.Module] = None
         if "holistic" in self.terms:
-            Discriminator, CriterionAdv, CriterionAdvForG, CriterionAdditionalGP = holistic_parts()
+            from skd_kernels import CriterionAdditionalGP, CriterionAdv, CriterionAdvForG, Discriminator
             size = cfg.d_input_size or 65
             self.D = Discriminator(1, num_classes, cfg.batch_size, size, 64)
             self.adv = CriterionAdv(cfg.adv_type)
@@ -124,6 +116,8 @@ class DistillLosses(nn.Module):
     def _d_input(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         size = self.cfg.d_input_size
+        if size is None and min(logits.shape[-2:]) < MIN_D_INPUT:
+            size = 65  # the official D's input size; it needs at least 64x64
         if size and tuple(logits.shape[-2:]) != (size, size):
             logits = upsample_to(logits, (size, size))
         return logits
