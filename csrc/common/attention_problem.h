@@ -1,0 +1,29 @@
+// The SAGAN attention problem as every backend sees it: plain pointers and sizes. Shared by the C++
+// (OpenMP) and CUDA kernels; includes nothing from torch so both compile fast.
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace skd {
+
+// All arrays are contiguous and of one dtype, Float32 or Float64 (the accumulation type: the Python
+// side converts half inputs once). Shapes: q, k (batch, n, dk); v (batch, n, dv); row vectors (batch, n).
+struct AttentionProblem {
+  DType dtype;
+  int64_t batch, n, dk, dv;
+  const void* q; const void* k; const void* v;
+  // Forward outputs; the backward passes read lse (the row log-sum-exp of S = q k^T).
+  void* out; void* lse;
+  // Backward: incoming gradient of out (batch, n, dv) and the gradients of q, k, v.
+  const void* dout;
+  void* grad_q; void* grad_k; void* grad_v;
+  // Double backward: cotangents of (dq, dk, dv) (nullptr = zero) and the gradient of dout.
+  const void* gq; const void* gk; const void* gv;
+  void* grad_dout;
+  // CUDA passes only: (3, batch, n) row statistics (D, Abar, Hbar) that a row pass leaves for the
+  // column pass, allocated by the caller in the accumulation dtype.
+  void* row_stats;
+};
+
+}  // namespace skd

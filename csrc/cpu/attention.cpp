@@ -1,0 +1,275 @@
+// Fused SAGAN attention on the CPU: forward, backward and double backward without the N x N map.
+//
+// Work unit: one strip of an image's attention map, either `rows` query rows by all n keys (row
+// passes) or `rows` key columns by all n queries (column passes), held transposed so that both
+// kinds are the same code: a (rows x n) block of dot products, then weighted sums of vectors.
+// A strip has about kStripElements entries per buffer and stays in L2. Row passes produce what is
+// a sum over keys (out, lse, dq, grad dout, the row statistics); column passes produce what is a
+// sum over queries (dk, dv), recomputing P_ij = exp(S_ij - lse_i) instead of reducing partial
+// sums across threads, so no thread-private copies of dk/dv exist and the result is deterministic.
+// The math of each pass is derived in skd_kernels/ops/attention_chunked.py.
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/numeric.h"
+
+namespace skd::cpu {
+namespace {
+
+constexpr int64_t kStripElements = 16384;
+constexpr int64_t kMaxStripRows = 64;
+
+int64_t strip_rows(int64_t n) { return std::clamp<int64_t>(kStripElements / n, 1, kMaxStripRows); }
+
+// out[a * n + b] (+)= x_a . y_b: x (rows, d), y (n, d), both row-major.
+template <typename T>
+void dots(const T* x, int64_t rows, const T* y, int64_t n, int64_t d, T* out, bool accumulate) {
+  for (int64_t a = 0; a < rows; ++a) {
+    const T* xa = x + a * d;
+    T* o = out + a * n;
+    for (int64_t b = 0; b < n; ++b) {
+      const T* yb = y + b * d;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < d; ++c) s += xa[c] * yb[c];
+      o[b] = accumulate ? o[b] + s : s;
+    }
+  }
+}
+
+// out_a (+)= sum_b m[a * n + b] y_b: m (rows, n), y (n, d), out (rows, d).
+template <typename T>
+void combine(const T* m, int64_t rows, int64_t n, const T* y, int64_t d, T* out, bool accumulate) {
+  for (int64_t a = 0; a < rows; ++a) {
+    T* o = out + a * d;
+    if (!accumulate) std::fill(o, o + d, T(0));
+    const T* ma = m + a * n;
+    for (int64_t b = 0; b < n; ++b) {
+      const T w = ma[b];
+      if (w == T(0)) continue;  // saturated softmax: most weights are exactly 0
+      const T* yb = y + b * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += w * yb[c];
+    }
+  }
+}
+
+// Calls fn(b, first, count, scratch) for every strip of every image, in parallel; `scratch` holds
+// `buffers` strips of rows x n entries, private to the thread.
+template <typename T, typename Fn>
+void for_each_strip(const AttentionProblem& p, int buffers, Fn&& fn) {
+  const int64_t rows = strip_rows(p.n), per_image = (p.n + rows - 1) / rows, units = p.batch * per_image;
+  const double work = double(p.batch) * p.n * p.n * (p.dk + p.dv);
+#pragma omp parallel if (units > 1 && work > 2e5)
+  {
+    std::vector<T> scratch(size_t(buffers) * rows * p.n);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t b = u / per_image, first = (u % per_image) * rows;
+      fn(b, first, std::min(rows, p.n - first), scratch.data());
+    }
+  }
+}
+
+template <typename T>
+struct View {  // per-image pointers into the contiguous (batch, n, d) arrays
+  const AttentionProblem& p;
+  const T* in(const void* base, int64_t b, int64_t d) const { return static_cast<const T*>(base) + b * p.n * d; }
+  T* at(void* base, int64_t b, int64_t row, int64_t d) const { return static_cast<T*>(base) + (b * p.n + row) * d; }
+  const T* row(const void* base, int64_t b, int64_t row, int64_t d) const {
+    return static_cast<const T*>(base) + (b * p.n + row) * d;
+  }
+};
+
+// P = exp(S - lse) for a strip, in place. Row strips subtract one lse per strip row; column strips
+// (transposed) subtract lse_i along each strip row.
+template <typename T>
+void probabilities(T* s, int64_t rows, int64_t n, const T* lse, bool transposed) {
+  for (int64_t a = 0; a < rows; ++a) {
+    T* sa = s + a * n;
+    if (transposed) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) sa[i] = exp_nonpositive(sa[i] - lse[i]);
+    } else {
+      const T l = lse[a];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) sa[j] = exp_nonpositive(sa[j] - l);
+    }
+  }
+}
+
+template <typename T>
+void forward(const AttentionProblem& p) {
+  const View<T> at{p};
+  for_each_strip<T>(p, 1, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+    const int64_t n = p.n;
+    dots(at.row(p.q, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, s, false);
+    T* lse = at.at(p.lse, b, i0, 1);
+    for (int64_t a = 0; a < r; ++a) {
+      T* sa = s + a * n;
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < n; ++j) m = std::max(m, sa[j]);
+      T z = 0;
+#pragma omp simd reduction(+ : z)
+      for (int64_t j = 0; j < n; ++j) {
+        sa[j] = exp_nonpositive(sa[j] - m);
+        z += sa[j];
+      }
+      const T inv = T(1) / z;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) sa[j] *= inv;
+      lse[a] = m + std::log(z);
+    }
+    combine(s, r, n, at.in(p.v, b, p.dv), p.dv, at.at(p.out, b, i0, p.dv), false);
+  });
+}
+
+// Row statistic D_i = sum_j P_ij dP_ij and dS = P (dP - D), in place in dp.
+template <typename T>
+void softmax_gradient(const T* prob, T* dp, int64_t rows, int64_t n, T* d_out) {
+  for (int64_t a = 0; a < rows; ++a) {
+    const T* pa = prob + a * n;
+    T* ga = dp + a * n;
+    T d = 0;
+#pragma omp simd reduction(+ : d)
+    for (int64_t j = 0; j < n; ++j) d += pa[j] * ga[j];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) ga[j] = pa[j] * (ga[j] - d);
+    d_out[a] = d;
+  }
+}
+
+template <typename T>
+void backward(const AttentionProblem& p) {
+  const View<T> at{p};
+  std::vector<T> row_d(size_t(p.batch * p.n));
+  // Rows: dq_i = sum_j dS_ij k_j, and D_i for the column pass.
+  for_each_strip<T>(p, 2, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+    const int64_t n = p.n;
+    T* dp = s + r * n;
+    dots(at.row(p.q, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, s, false);
+    probabilities(s, r, n, at.row(p.lse, b, i0, 1), false);
+    dots(at.row(p.dout, b, i0, p.dv), r, at.in(p.v, b, p.dv), n, p.dv, dp, false);
+    softmax_gradient(s, dp, r, n, &row_d[b * n + i0]);
+    combine(dp, r, n, at.in(p.k, b, p.dk), p.dk, at.at(p.grad_q, b, i0, p.dk), false);
+  });
+  // Columns: dk_j = sum_i dS_ij q_i, dv_j = sum_i P_ij dout_i.
+  for_each_strip<T>(p, 2, [&](int64_t b, int64_t j0, int64_t r, T* st) {
+    const int64_t n = p.n;
+    T* dpt = st + r * n;
+    const T* d = &row_d[b * n];
+    dots(at.row(p.k, b, j0, p.dk), r, at.in(p.q, b, p.dk), n, p.dk, st, false);
+    probabilities(st, r, n, at.in(p.lse, b, 1), true);
+    combine(st, r, n, at.in(p.dout, b, p.dv), p.dv, at.at(p.grad_v, b, j0, p.dv), false);
+    dots(at.row(p.v, b, j0, p.dv), r, at.in(p.dout, b, p.dv), n, p.dv, dpt, false);
+    for (int64_t a = 0; a < r; ++a) {
+      const T* pa = st + a * n;
+      T* ga = dpt + a * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) ga[i] = pa[i] * (ga[i] - d[i]);
+    }
+    combine(dpt, r, n, at.in(p.q, b, p.dk), p.dk, at.at(p.grad_k, b, j0, p.dk), false);
+  });
+}
+
+// Double backward, two passes as in backward(). Per pair (i, j), with the notation of
+// attention_chunked.py: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
+// dS2 = P (H - Hbar_i), H = (dP - D_i) A - dP Abar_i + B. The row pass stores D, Abar, Hbar.
+template <typename T>
+void double_backward(const AttentionProblem& p) {
+  const View<T> at{p};
+  const int64_t rows_total = p.batch * p.n;
+  std::vector<T> row_d(rows_total), row_abar(rows_total), row_hbar(rows_total);
+  // Buffers per strip: P, dP (then dS), A (then G), B/H (then dS2).
+  for_each_strip<T>(p, 4, [&](int64_t b, int64_t i0, int64_t r, T* s) {
+    const int64_t n = p.n;
+    T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
+    T* grad_q = at.at(p.grad_q, b, i0, p.dk);
+    T* grad_dout = at.at(p.grad_dout, b, i0, p.dv);
+    dots(at.row(p.q, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, prob, false);
+    probabilities(prob, r, n, at.row(p.lse, b, i0, 1), false);
+    dots(at.row(p.dout, b, i0, p.dv), r, at.in(p.v, b, p.dv), n, p.dv, dp, false);
+    std::fill(a, a + r * n, T(0));
+    if (p.gq) dots(at.row(p.gq, b, i0, p.dk), r, at.in(p.k, b, p.dk), n, p.dk, a, true);
+    if (p.gk) dots(at.row(p.q, b, i0, p.dk), r, at.in(p.gk, b, p.dk), n, p.dk, a, true);
+    if (p.gv) dots(at.row(p.dout, b, i0, p.dv), r, at.in(p.gv, b, p.dv), n, p.dv, h, false);
+    else std::fill(h, h + r * n, T(0));
+    for (int64_t x = 0; x < r; ++x) {
+      T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
+      T d = 0, abar = 0, c = 0, bbar = 0;
+#pragma omp simd reduction(+ : d, abar, c, bbar)
+      for (int64_t j = 0; j < n; ++j) {
+        d += pa[j] * dpa[j];
+        abar += pa[j] * aa[j];
+        c += pa[j] * dpa[j] * aa[j];
+        bbar += pa[j] * ha[j];
+      }
+      const T hbar = c - 2 * d * abar + bbar;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const T hj = (dpa[j] - d) * aa[j] - dpa[j] * abar + ha[j];
+        ha[j] = pa[j] * (hj - hbar);       // dS2
+        aa[j] = pa[j] * (aa[j] - abar);    // G
+        dpa[j] = pa[j] * (dpa[j] - d);     // dS
+      }
+      row_d[b * n + i0 + x] = d;
+      row_abar[b * n + i0 + x] = abar;
+      row_hbar[b * n + i0 + x] = hbar;
+    }
+    // grad q_i = sum_j (dS gk_j + dS2 k_j); grad dout_i = sum_j (G v_j + P gv_j).
+    combine(h, r, n, at.in(p.k, b, p.dk), p.dk, grad_q, false);
+    if (p.gk) combine(dp, r, n, at.in(p.gk, b, p.dk), p.dk, grad_q, true);
+    combine(a, r, n, at.in(p.v, b, p.dv), p.dv, grad_dout, false);
+    if (p.gv) combine(prob, r, n, at.in(p.gv, b, p.dv), p.dv, grad_dout, true);
+  });
+  // Columns: grad k_j = sum_i (dS gq_i + dS2 q_i); grad v_j = sum_i G dout_i.
+  for_each_strip<T>(p, 4, [&](int64_t b, int64_t j0, int64_t r, T* s) {
+    const int64_t n = p.n;
+    T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
+    const T *d = &row_d[b * n], *abar = &row_abar[b * n], *hbar = &row_hbar[b * n];
+    dots(at.row(p.k, b, j0, p.dk), r, at.in(p.q, b, p.dk), n, p.dk, prob, false);
+    probabilities(prob, r, n, at.in(p.lse, b, 1), true);
+    dots(at.row(p.v, b, j0, p.dv), r, at.in(p.dout, b, p.dv), n, p.dv, dp, false);
+    std::fill(a, a + r * n, T(0));
+    if (p.gq) dots(at.row(p.k, b, j0, p.dk), r, at.in(p.gq, b, p.dk), n, p.dk, a, true);
+    if (p.gk) dots(at.row(p.gk, b, j0, p.dk), r, at.in(p.q, b, p.dk), n, p.dk, a, true);
+    if (p.gv) dots(at.row(p.gv, b, j0, p.dv), r, at.in(p.dout, b, p.dv), n, p.dv, h, false);
+    else std::fill(h, h + r * n, T(0));
+    for (int64_t x = 0; x < r; ++x) {
+      T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const T hi = (dpa[i] - d[i]) * aa[i] - dpa[i] * abar[i] + ha[i];
+        ha[i] = pa[i] * (hi - hbar[i]);
+        aa[i] = pa[i] * (aa[i] - abar[i]);
+        dpa[i] = pa[i] * (dpa[i] - d[i]);
+      }
+    }
+    T* grad_k = at.at(p.grad_k, b, j0, p.dk);
+    combine(h, r, n, at.in(p.q, b, p.dk), p.dk, grad_k, false);
+    if (p.gq) combine(dp, r, n, at.in(p.gq, b, p.dk), p.dk, grad_k, true);
+    combine(a, r, n, at.in(p.dout, b, p.dv), p.dv, at.at(p.grad_v, b, j0, p.dv), false);
+  });
+}
+
+template <template <typename> class Pass>
+void dispatch(const AttentionProblem& p) {
+  if (p.dtype == DType::Float64) Pass<double>::run(p);
+  else Pass<float>::run(p);
+}
+
+template <typename T> struct Forward { static void run(const AttentionProblem& p) { forward<T>(p); } };
+template <typename T> struct Backward { static void run(const AttentionProblem& p) { backward<T>(p); } };
+template <typename T> struct DoubleBackward { static void run(const AttentionProblem& p) { double_backward<T>(p); } };
+
+}  // namespace
+
+void attention_forward(const AttentionProblem& p) { dispatch<Forward>(p); }
+void attention_backward(const AttentionProblem& p) { dispatch<Backward>(p); }
+void attention_double_backward(const AttentionProblem& p) { dispatch<DoubleBackward>(p); }
+
+}  // namespace skd::cpu

@@ -1,0 +1,177 @@
+"""Fused SAGAN attention in Triton: forward and backward kernels (flash-attention tiling).
+
+Forward: one program owns BLOCK_M query rows of one image and walks the keys in tiles of BLOCK_N
+with an online softmax, so only a (BLOCK_M, BLOCK_N) tile of the map ever exists; it saves the row
+log-sum-exp. Backward: a row kernel (two walks over the keys: D_i = sum_j P dP, then dq) and a
+column kernel (BLOCK_N keys walk the queries: dk, dv), each recomputing P = exp(S - lse), so no
+atomics. Products use tl.dot with IEEE input precision: TF32 would break the fp32 contract.
+
+The double backward runs the row-block PyTorch passes (`ops/attention_chunked.py`) on the same
+tensors: it is exact and O(N * C) in memory, just not a Triton kernel.
+
+Inputs are contiguous (B, N, D) in the accumulation dtype (float32, or float64).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.attention_chunked import double_backward  # noqa: F401  (the Triton backend's double backward)
+
+
+@triton.jit
+def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, N, DK, DV,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    b = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    row_mask = rows < N
+    q = tl.load(q_ptr + b * N * DK + rows[:, None] * DK + dk[None, :],
+                mask=row_mask[:, None] & (dk[None, :] < DK), other=0.0)
+    acc_ty = q.dtype
+    m = tl.full([BLOCK_M], float("-inf"), acc_ty)
+    z = tl.zeros([BLOCK_M], acc_ty)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], acc_ty)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
+                    mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
+                    mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=acc_ty)
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile, where m = -inf
+        p = tl.exp(s - m_new[:, None])
+        z = z * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee", out_dtype=acc_ty)
+        m = m_new
+    tl.store(out_ptr + b * N * DV + rows[:, None] * DV + dv[None, :], acc / z[:, None],
+             mask=row_mask[:, None] & (dv[None, :] < DV))
+    tl.store(lse_ptr + b * N + rows, m + tl.log(z), mask=row_mask)
+
+
+@triton.jit
+def _attention_backward_rows_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, dq_ptr, d_ptr, N, DK, DV,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    b = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    row_mask = rows < N
+    q = tl.load(q_ptr + b * N * DK + rows[:, None] * DK + dk[None, :],
+                mask=row_mask[:, None] & (dk[None, :] < DK), other=0.0)
+    do = tl.load(dout_ptr + b * N * DV + rows[:, None] * DV + dv[None, :],
+                 mask=row_mask[:, None] & (dv[None, :] < DV), other=0.0)
+    lse = tl.load(lse_ptr + b * N + rows, mask=row_mask, other=0.0)
+    acc_ty = q.dtype
+    # Walk 1: D_i = sum_j P_ij dP_ij (from P, not from a rounded `out`).
+    d = tl.zeros([BLOCK_M], acc_ty)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
+                    mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
+                    mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=acc_ty)
+        p = tl.where(col_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=acc_ty)
+        d += tl.sum(p * dp, 1)
+    # Walk 2: dq_i = sum_j P_ij (dP_ij - D_i) k_j.
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], acc_ty)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
+                    mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
+                    mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=acc_ty)
+        p = tl.where(col_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=acc_ty)
+        dq += tl.dot(p * (dp - d[:, None]), k, input_precision="ieee", out_dtype=acc_ty)
+    tl.store(dq_ptr + b * N * DK + rows[:, None] * DK + dk[None, :], dq,
+             mask=row_mask[:, None] & (dk[None, :] < DK))
+    tl.store(d_ptr + b * N + rows, d, mask=row_mask)
+
+
+@triton.jit
+def _attention_backward_columns_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d_ptr, dk_ptr, dv_ptr,
+                                       N, DK, DV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                       BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    b = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    col_mask = cols < N
+    k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
+                mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
+    v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
+                mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
+    acc_ty = k.dtype
+    grad_k = tl.zeros([BLOCK_N, BLOCK_DK], acc_ty)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_DV], acc_ty)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        q = tl.load(q_ptr + b * N * DK + rows[:, None] * DK + dk[None, :],
+                    mask=row_mask[:, None] & (dk[None, :] < DK), other=0.0)
+        do = tl.load(dout_ptr + b * N * DV + rows[:, None] * DV + dv[None, :],
+                     mask=row_mask[:, None] & (dv[None, :] < DV), other=0.0)
+        lse = tl.load(lse_ptr + b * N + rows, mask=row_mask, other=0.0)
+        d = tl.load(d_ptr + b * N + rows, mask=row_mask, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=acc_ty)  # (keys, queries)
+        pt = tl.where(row_mask[None, :], tl.exp(st - lse[None, :]), 0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=acc_ty)
+        grad_v += tl.dot(pt, do, input_precision="ieee", out_dtype=acc_ty)
+        grad_k += tl.dot(pt * (dpt - d[None, :]), q, input_precision="ieee", out_dtype=acc_ty)
+    tl.store(dk_ptr + b * N * DK + cols[:, None] * DK + dk[None, :], grad_k,
+             mask=col_mask[:, None] & (dk[None, :] < DK))
+    tl.store(dv_ptr + b * N * DV + cols[:, None] * DV + dv[None, :], grad_v,
+             mask=col_mask[:, None] & (dv[None, :] < DV))
+
+
+def _blocks(q: torch.Tensor, v: torch.Tensor) -> dict:
+    # tl.dot needs every dimension >= 16; smaller tiles for float64 and wide v keep registers in budget.
+    block = 16 if q.dtype == torch.float64 or v.shape[2] > 256 else 32
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_DK=max(16, triton.next_power_of_2(q.shape[2])),
+                BLOCK_DV=max(16, triton.next_power_of_2(v.shape[2])))
+
+
+def _guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (B, N, Dk), v (B, N, Dv), contiguous, float32/float64 -> out (B, N, Dv), lse (B, N)."""
+    b, n, d_k = q.shape
+    out = q.new_empty((b, n, v.shape[2]))
+    lse = q.new_empty((b, n))
+    blocks = _blocks(q, v)
+    with _guard(q):
+        _attention_forward_kernel[(triton.cdiv(n, blocks["BLOCK_M"]), b)](
+            q, k, v, out, lse, n, d_k, v.shape[2], **blocks)
+    return out, lse
+
+
+def backward(q, k, v, lse, dout):
+    """First derivatives (dq, dk, dv) for the incoming gradient dout (B, N, Dv)."""
+    b, n, d_k = q.shape
+    d_v = v.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    row_d = q.new_empty((b, n))
+    blocks = _blocks(q, v)
+    with _guard(q):
+        _attention_backward_rows_kernel[(triton.cdiv(n, blocks["BLOCK_M"]), b)](
+            q, k, v, lse, dout, dq, row_d, n, d_k, d_v, **blocks)
+        _attention_backward_columns_kernel[(triton.cdiv(n, blocks["BLOCK_N"]), b)](
+            q, k, v, lse, dout, row_d, dk, dv, n, d_k, d_v, **blocks)
+    return dq, dk, dv
