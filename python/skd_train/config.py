@@ -45,6 +45,7 @@ class TrainConfig:
     adv_weight: float = 0.1                  # G term: adv_weight * (-mean D(student))
     d_weight: float = 0.1                    # D step: d_weight * (adversarial + GP)
     lambda_gp: float = 10.0
+    d_conv_dim: int = 64                     # the discriminator's first width (official 64)
     adv_type: str = "wgan-gp"
     d_input_size: Optional[int] = None       # resize logits to this square size before D; None: as they are,
                                              # or 65 (the official size) when smaller than D's minimum 64

@@ -104,7 +104,7 @@ class DistillLosses(nn.Module):
         if "holistic" in self.terms:
             from skd_kernels import CriterionAdditionalGP, CriterionAdv, CriterionAdvForG, Discriminator
             size = cfg.d_input_size or 65
-            self.D = Discriminator(1, num_classes, cfg.batch_size, size, 64)
+            self.D = Discriminator(1, num_classes, cfg.batch_size, size, cfg.d_conv_dim)
             self.adv = CriterionAdv(cfg.adv_type)
             self.adv_g = CriterionAdvForG(cfg.adv_type)
             self.gp = CriterionAdditionalGP(self.D, cfg.lambda_gp) if cfg.adv_type == "wgan-gp" else None

@@ -36,9 +36,10 @@ def build_data(cfg: TrainConfig):
     from .data import build_dataset
     train_ds = build_dataset(cfg.dataset, root=cfg.data_root, split="train", crop_size=cfg.crop_size,
                              augment=cfg.augment, seed=cfg.seed)
-    eval_crop = cfg.eval_crop if cfg.eval_mode == "sliding" else (cfg.eval_crop or cfg.crop_size)
+    # Whole-image mode scores the full images (or a centre crop of eval_crop); sliding mode tiles them.
     val_ds = build_dataset(cfg.dataset, root=cfg.data_root, split=cfg.eval_split,
-                           crop_size=None if cfg.eval_mode == "sliding" else eval_crop, augment=False, seed=cfg.seed)
+                           crop_size=None if cfg.eval_mode == "sliding" else cfg.eval_crop, augment=False,
+                           seed=cfg.seed)
     return train_ds, val_ds
 
 
@@ -200,7 +201,7 @@ class Trainer:
             self.opt_d.step()
             self.sched_d.step()
             D.broadcast_buffers(d_net, self.env)
-            values["d_loss"] = float(d_loss)
+            values["d_loss"] = float(d_loss.detach())
         return values
 
     # --- the run ------------------------------------------------------------------------------
