@@ -21,6 +21,7 @@ class TrainConfig:
     crop_size: Sequence[int] = (128, 128)
     augment: bool = True
     num_workers: int = 0
+    dataset_options: Optional[dict] = None   # extra keyword arguments of build_dataset (JSON on the command line)
     # Student
     model: str = "pspnet_resnet18"
     width: float = 1.0
@@ -143,6 +144,8 @@ def _flag_type(f: dataclasses.Field):
         return dict(type=type(default))
     if f.name in ("d_input_size",):
         return dict(type=int)
+    if f.name == "dataset_options":
+        return dict(type=json.loads, metavar="JSON")
     return dict(type=str)
 
 

@@ -34,12 +34,13 @@ def poly_lambda(steps: int, power: float):
 
 def build_data(cfg: TrainConfig):
     from .data import build_dataset
+    options = dict(cfg.dataset_options or {})
     train_ds = build_dataset(cfg.dataset, root=cfg.data_root, split="train", crop_size=cfg.crop_size,
-                             augment=cfg.augment, seed=cfg.seed)
+                             augment=cfg.augment, seed=cfg.seed, **options)
     # Whole-image mode scores the full images (or a centre crop of eval_crop); sliding mode tiles them.
     val_ds = build_dataset(cfg.dataset, root=cfg.data_root, split=cfg.eval_split,
                            crop_size=None if cfg.eval_mode == "sliding" else cfg.eval_crop, augment=False,
-                           seed=cfg.seed)
+                           seed=cfg.seed, **options)
     return train_ds, val_ds
 
 
@@ -93,6 +94,9 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.pos = 0, 0, 0
+        # Reseed after building: the teacher and D drew from the generator, and dropout of the first steps
+        # should not depend on which terms are on (a baseline and a distilled run differ only there).
+        seed_everything(cfg.seed + 1)
         self.out_dir = Path(cfg.out_dir)
         self.batches_per_epoch = len(self.train_ds) // self.env.world_size // cfg.batch_size
         if self.batches_per_epoch < 1:
