@@ -84,6 +84,14 @@ class _ReferencePairWise(nn.Module):
                                           pooling="max", normalization="official")
 
 
+def _size_of(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The student's map at the teacher's spatial size (bilinear, align_corners=True) when the two
+    architectures' output sizes differ (e.g. MobileNetV2 16x16 vs PSPNet 17x17); unchanged otherwise."""
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student
+    return upsample_to(student, teacher.shape[-2:])
+
+
 class DistillLosses(nn.Module):
     """The distillation terms switched on in `cfg`, and the discriminator when holistic is on.
 
@@ -125,11 +133,16 @@ class DistillLosses(nn.Module):
     def student_terms(self, preds_S, preds_T) -> dict:
         out = {}
         if "pixel" in self.terms:
-            s0, t0 = preds_S[0].float(), preds_T[0].float()
-            out["pixel"] = self.terms["pixel"] * self.pixel([s0], [t0])
+            t0 = preds_T[0].float()
+            out["pixel"] = self.terms["pixel"] * self.pixel([_size_of(preds_S[0].float(), t0)], [t0])
         if "pair" in self.terms:
-            out["pair"] = self.terms["pair"] * self.pair([p.float() if p is not None else None for p in preds_S],
-                                                         [p.float() if p is not None else None for p in preds_T])
+            ind = -5
+            t_feat = preds_T[ind].float()
+            s_list = list(preds_S)
+            s_list[ind] = _size_of(preds_S[ind].float(), t_feat)
+            t_list = list(preds_T)
+            t_list[ind] = t_feat
+            out["pair"] = self.terms["pair"] * self.pair(s_list, t_list)
         if "holistic" in self.terms:
             # D's parameters get gradients here too; the D step zeroes them first (as the official code).
             out["adv_g"] = self.terms["holistic"] * self.adv_g(self.D(self._d_input(preds_S[0])))
