@@ -101,7 +101,7 @@ def _log_rows(out_dir):
         return list(csv.DictReader(f))
 
 
-def test_tiny_run_with_every_loss_through_the_command_line(tmp_path):
+def test_tiny_run_with_every_loss_through_the_command_line(tmp_path, capsys):
     from skd_train.cli import main
     cfg = tiny_config(tmp_path)
     args = ["train", "--dataset", "procedural", "--dataset-options", '{"num_samples": 12}', "--crop-size", "32", "32",
@@ -119,6 +119,11 @@ def test_tiny_run_with_every_loss_through_the_command_line(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["miou"] <= 1 and len(results["iou"]) == 4
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "model.pt").exists()
+    # `skd-train eval` scores the saved weights: the same mIoU as the run's final evaluation
+    capsys.readouterr()
+    assert main(["eval", "--config", str(tmp_path / "run" / "config.json"), "--weights",
+                 str(tmp_path / "run" / "model.pt"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"mIoU {100 * results['miou']:.2f}")
 
 
 def test_baseline_and_distilled_differ_only_in_the_loss_switches(tmp_path):
