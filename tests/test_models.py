@@ -2,7 +2,6 @@
 loading (our format, the official repository's, torchvision's MobileNetV2) and clear errors."""
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from skd_train.models import (MODEL_NAMES, PAIR_FEATURES_INDEX, build_model, load_backbone_weights,
-                              load_weights)
+                              load_weights, output_size)
 from skd_train.models.weights import imagenet_mobilenet_v2_path
 
 WIDTH = 0.25
@@ -36,7 +35,7 @@ def test_output_list_has_official_order_and_stride_8_shapes(models, name):
     with torch.no_grad():
         out = model(torch.randn(2, 3, h, w))
     assert isinstance(out, list) and len(out) == 7
-    oh, ow = math.ceil(h / 8), math.ceil(w / 8)
+    oh, ow = output_size(h), output_size(w)
     assert out[0].shape == (2, 5, oh, ow)
     if name == "espnet":
         assert out[1] is None
@@ -50,6 +49,17 @@ def test_output_list_has_official_order_and_stride_8_shapes(models, name):
             assert tensor is None
         else:
             assert tensor.shape[:2] == (2, channels) and tensor.shape[2] >= oh
+
+
+@pytest.mark.parametrize("size", [(512, 16), (64, 97), (33, 50)])
+def test_every_model_has_the_teachers_output_grid(models, size):
+    # 512 -> 65 as in the paper: students and teacher must compare position by position.
+    grids = set()
+    for name in MODEL_NAMES:
+        with torch.no_grad():
+            grids.add(tuple(models[name].eval()(torch.randn(1, 3, *size))[0].shape[-2:]))
+    assert grids == {(output_size(size[0]), output_size(size[1]))}
+    assert output_size(512) == 65 and output_size(64) == 9
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -85,7 +95,7 @@ def _eval_outputs(model, x):
         return model.eval()(x)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", ["pspnet_resnet18", "mobilenetv2", "espnet"])  # the teacher is a PSPNet too
 def test_weights_round_trip_through_our_state_dict(tmp_path, models, name):
     source = models[name]
     path = tmp_path / "w.pth"
@@ -205,3 +215,21 @@ def test_imagenet_mobilenet_v2_fills_every_backbone_tensor():
         assert value.shape == theirs.shape and torch.equal(value, theirs), key
     with pytest.raises(ValueError, match="mismatched shapes"):
         build_model("mobilenetv2", 19, width=0.5, pretrained_backbone="imagenet")
+
+
+@pytest.mark.parametrize("student_name", ["pspnet_resnet18", "mobilenetv2", "espnet"])
+def test_student_and_teacher_outputs_feed_the_distillation_losses(models, student_name):
+    from skd_kernels import CriterionPixelWise
+    from skd_kernels.reference import pairwise_distill_reference
+
+    x = torch.randn(2, 3, 64, 64)
+    teacher, student = models["pspnet_resnet101"].eval(), models[student_name].train()
+    with torch.no_grad():
+        preds_t = teacher(x)
+    preds_s = student(x)
+    pixel = CriterionPixelWise(backend="torch")(preds_s, preds_t)
+    pair = pairwise_distill_reference(preds_s[PAIR_FEATURES_INDEX], preds_t[PAIR_FEATURES_INDEX], scale=0.5)
+    (10 * pixel + 0.5 * pair).backward()
+    assert torch.isfinite(pixel) and pixel > 0 and torch.isfinite(pair) and pair > 0
+    # Both losses reach every student parameter but the auxiliary head's, which neither reads.
+    assert all(p.grad is not None for n, p in student.named_parameters() if not n.startswith("dsn."))

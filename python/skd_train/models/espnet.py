@@ -1,7 +1,7 @@
 """ESPNet-C student (Mehta et al., ECCV 2018): efficient spatial pyramid (ESP) blocks with
 hierarchical feature fusion, input reinforcement, PReLU; its encoder ends at output stride 8, which is
 where the distillation losses compare student and teacher (the full ESPNet's decoder, upsampling back to
-full resolution, is not included)."""
+full resolution, is not included). Output grid: the PSPNet teacher's (65 x 65 for 512 x 512)."""
 from __future__ import annotations
 
 import torch
@@ -23,8 +23,9 @@ class ESPBlock(nn.Module):
 
     DILATIONS = (1, 2, 4, 8, 16)
 
-    def __init__(self, in_ch: int, out_ch: int, downsample: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, downsample: bool = False, ceil_mode: bool = False):
         super().__init__()
+        self.ceil_mode = ceil_mode  # pad one row/column at the end: h -> floor(h/2) + 1
         n = max(1, out_ch // 5)
         first = out_ch - 4 * n  # the d=1 branch takes the remainder so channels add up to out_ch
         self.reduce = (nn.Conv2d(in_ch, n, 3, stride=2, padding=1, bias=False) if downsample
@@ -35,7 +36,7 @@ class ESPBlock(nn.Module):
         self.out = bn_prelu(out_ch)
 
     def forward(self, x):
-        reduced = self.reduce(x)
+        reduced = self.reduce(F.pad(x, (0, 1, 0, 1)) if self.ceil_mode else x)
         outputs = [self.branches[0](reduced)]
         fused = None
         for branch in self.branches[1:]:
@@ -58,7 +59,8 @@ class ESPNetC(nn.Module):
         c1, c2, c3 = scaled(16, width), scaled(64, width, 5), scaled(128, width, 5)
         self.level1 = nn.Sequential(nn.Conv2d(3, c1, 3, stride=2, padding=1, bias=False), *bn_prelu(c1))
         self.b1 = bn_prelu(c1 + 3)
-        self.level2_0 = ESPBlock(c1 + 3, c2, downsample=True)
+        # Ceil-mode downsampling at stride 4, as in the PSPNet stem: the teacher's output grid.
+        self.level2_0 = ESPBlock(c1 + 3, c2, downsample=True, ceil_mode=True)
         self.level2 = nn.Sequential(*(ESPBlock(c2, c2) for _ in range(alpha2)))
         self.b2 = bn_prelu(2 * c2 + 3)
         self.level3_0 = ESPBlock(2 * c2 + 3, c3, downsample=True)
@@ -70,7 +72,7 @@ class ESPNetC(nn.Module):
     def forward(self, images):
         # Input reinforcement: the image, average-pooled to each level's size, joins its features.
         half = F.avg_pool2d(images, 3, stride=2, padding=1)
-        quarter = F.avg_pool2d(half, 3, stride=2, padding=1)
+        quarter = F.avg_pool2d(half, 3, stride=2, padding=1, ceil_mode=True)
         level1 = self.b1(torch.cat([self.level1(images), half], dim=1))
         down2 = self.level2_0(level1)
         level2 = self.b2(torch.cat([down2, self.level2(down2), quarter], dim=1))

@@ -37,3 +37,11 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def output_size(size: int) -> int:
+    """Side of every model's logits for an input side `size`: the PSPNet teacher's grid. Stride-2 conv
+    (ceil(s/2)), ceil-mode 3x3 max-pool (floor(s/2) + 1), stride-2 conv (ceil(s/2)): 512 -> 65, 64 -> 9."""
+    half = -(-size // 2)
+    quarter = half // 2 + 1
+    return -(-quarter // 2)
