@@ -233,3 +233,81 @@ def test_student_and_teacher_outputs_feed_the_distillation_losses(models, studen
     assert torch.isfinite(pixel) and pixel > 0 and torch.isfinite(pair) and pair > 0
     # Both losses reach every student parameter but the auxiliary head's, which neither reads.
     assert all(p.grad is not None for n, p in student.named_parameters() if not n.startswith("dsn."))
+
+
+def _official_espnet_c(sd: dict, x: torch.Tensor, p: int = 2, q: int = 8):
+    """The official ESPNet_Encoder forward (network/ESPnet.py) written functionally over a state_dict
+    with its key names, eval mode: our ESPNet-C must reproduce it after the key mapping."""
+    import torch.nn.functional as F
+
+    def bn(y, name):
+        return F.batch_norm(y, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                            sd[f"{name}.bias"], False, 0.0, 1e-3)
+
+    def br(y, name, bn_name=None, act_name=None):
+        return F.prelu(bn(y, bn_name or f"{name}.bn"), sd[f"{act_name or name + '.act'}.weight"])
+
+    def esp(y, name, down):
+        reduced = F.conv2d(y, sd[f"{name}.c1.conv.weight"], stride=2 if down else 1, padding=1 if down else 0)
+        d = [F.conv2d(reduced, sd[f"{name}.d{k}.conv.weight"], padding=k, dilation=k) for k in (1, 2, 4, 8, 16)]
+        combine = torch.cat([d[0], d[1], d[1] + d[2], d[1] + d[2] + d[3], d[1] + d[2] + d[3] + d[4]], 1)
+        return br(combine, name) if down else br(y + combine, name, f"{name}.bn.bn", f"{name}.bn.act")
+
+    output0 = F.prelu(bn(F.conv2d(x, sd["level1.conv.weight"], stride=2, padding=1), "level1.bn"),
+                      sd["level1.act.weight"])
+    inp1 = F.avg_pool2d(x, 3, 2, 1)
+    inp2 = F.avg_pool2d(inp1, 3, 2, 1)
+    output1_0 = esp(br(torch.cat([output0, inp1], 1), "b1"), "level2_0", True)
+    output1 = output1_0
+    for i in range(p):
+        output1 = esp(output1, f"level2.{i}", False)
+    output2_0 = esp(br(torch.cat([output1, output1_0, inp2], 1), "b2"), "level3_0", True)
+    output2 = output2_0
+    for i in range(q):
+        output2 = esp(output2, f"level3.{i}", False)
+    output2_cat = br(torch.cat([output2_0, output2], 1), "b3")
+    return F.conv2d(output2_cat, sd["classifier.conv.weight"]), output2_cat
+
+
+def _to_official_espnet(state: dict) -> dict:
+    """Our ESPNet-C state_dict under the official module names (the inverse of the loader's mapping)."""
+    official = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = re.sub(r"^level1\.(\d)\.", lambda m: f"level1.{('conv', 'bn', 'act')[int(m[1])]}.", key)
+        key = re.sub(r"^(b\d)\.(\d)\.", lambda m: f"{m[1]}.{('bn', 'act')[int(m[2])]}.", key)
+        key = re.sub(r"\.reduce\.", ".c1.conv.", key)
+        key = re.sub(r"\.branches\.(\d)\.", lambda m: f".d{2 ** int(m[1])}.conv.", key)
+        key = re.sub(r"^(level\d_0)\.out\.(\d)\.", lambda m: f"{m[1]}.{('bn', 'act')[int(m[2])]}.", key)
+        key = re.sub(r"^(level\d\.\d+)\.out\.(\d)\.", lambda m: f"{m[1]}.bn.{('bn', 'act')[int(m[2])]}.", key)
+        key = re.sub(r"^classifier\.weight", "classifier.conv.weight", key)
+        official[key] = value.clone()
+    return official
+
+
+def test_official_espnet_c_checkpoint_loads_and_matches_its_forward(tmp_path):
+    torch.manual_seed(4)
+    source = build_model("espnet", 19)
+    for m in source.modules():  # non-trivial statistics and slopes, so the test sees every tensor
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+        elif isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.0, 0.5)
+    official = _to_official_espnet(source.state_dict())
+    assert {"level1.act.weight", "level2_0.d16.conv.weight", "level3.7.bn.act.weight", "b2.bn.running_var",
+            "classifier.conv.weight"} <= set(official)
+    torch.save(official, tmp_path / "ESPNet_C_official.pth")
+    torch.manual_seed(5)
+    target = load_weights(build_model("espnet", 19), tmp_path / "ESPNet_C_official.pth").eval()
+    target.ceil_mode = False  # the official grid, to compare every position
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ours = target(x)
+        logits, features = _official_espnet_c(official, x)
+    assert ours[0].shape == logits.shape == (2, 19, 8, 10)
+    torch.testing.assert_close(ours[0], logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[2], features, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,9 @@
 """ESPNet-C student (Mehta et al., ECCV 2018): efficient spatial pyramid (ESP) blocks with
 hierarchical feature fusion, input reinforcement, PReLU; its encoder ends at output stride 8, which is
 where the distillation losses compare student and teacher (the full ESPNet's decoder, upsampling back to
-full resolution, is not included). Output grid: the PSPNet teacher's (65 x 65 for 512 x 512)."""
+full resolution, is not included). Output grid: the PSPNet teacher's (65 x 65 for 512 x 512).
+The official ESPNet-C checkpoints (network/ESPnet.py, ESPNet_Encoder p=2, q=8) map onto it by name
+(models/weights.py); concatenations follow its order."""
 from __future__ import annotations
 
 import torch
@@ -69,13 +71,22 @@ class ESPNetC(nn.Module):
         self.classifier = nn.Conv2d(2 * c3, num_classes, 1, bias=False)
         init_weights(self)
 
+    @property
+    def ceil_mode(self) -> bool:
+        """True (default): the teacher's grid (512 -> 65); False: the official ESPNet-C's (512 -> 64)."""
+        return self.level2_0.ceil_mode
+
+    @ceil_mode.setter
+    def ceil_mode(self, value: bool) -> None:
+        self.level2_0.ceil_mode = bool(value)
+
     def forward(self, images):
         # Input reinforcement: the image, average-pooled to each level's size, joins its features.
         half = F.avg_pool2d(images, 3, stride=2, padding=1)
-        quarter = F.avg_pool2d(half, 3, stride=2, padding=1, ceil_mode=True)
+        quarter = F.avg_pool2d(half, 3, stride=2, padding=1, ceil_mode=self.ceil_mode)
         level1 = self.b1(torch.cat([self.level1(images), half], dim=1))
         down2 = self.level2_0(level1)
-        level2 = self.b2(torch.cat([down2, self.level2(down2), quarter], dim=1))
+        level2 = self.b2(torch.cat([self.level2(down2), down2, quarter], dim=1))  # the official order
         down3 = self.level3_0(level2)
         level3 = self.level3(down3)
         features = self.b3(torch.cat([down3, level3], dim=1))
