@@ -16,17 +16,6 @@ def check_width(width: float) -> float:
     return width
 
 
-def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dilation: int = 1,
-                 bias: bool = False) -> nn.Sequential:
-    """Conv (same padding) -> BatchNorm -> ReLU, indices 0, 1, 2 (the official conv/InPlaceABN pair)."""
-    padding = dilation * (kernel - 1) // 2
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
-
-
 def init_weights(module: nn.Module) -> None:
     """He init for convolutions, unit scale for norms: a stable start for training from scratch."""
     for m in module.modules():

@@ -18,7 +18,8 @@ _RENAMES = (
     (re.compile(r"^head\.1\."), "head."),
     (re.compile(r"^layer5\."), "pspmodule."),           # CVPR-branch student: layer5 = PSP, layer6 = conv
     (re.compile(r"^layer6\."), "head."),
-    (re.compile(r"^dsn\.3\."), "dsn.4."),               # official dsn (conv, ABN, dropout, conv); ours adds ReLU
+    (re.compile(r"^dsn\.3\."), "dsn.4."),               # official dsn (conv, ABN, dropout, conv); ours has the
+                                                        # activation as a module of its own
     (re.compile(r"^(conv[123]|bn[123]|layer[1-4])\."), r"backbone.\1."),  # official ResNet at top level
     (re.compile(r"^features\."), "backbone.features."),  # torchvision MobileNetV2
     # Official ESPNet-C (CBR/BR/C/CDilated wrappers with .conv/.bn/.act; DownSamplerB, ESP blocks c1, d1..d16).
