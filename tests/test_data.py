@@ -153,6 +153,35 @@ def test_augmentation_keeps_image_and_label_aligned():
     assert agree / total > 0.97  # only bilinear blur at block edges may disagree
 
 
+def _resize_pad_crop_flip(image, label, rng, crop, scale_range):
+    """The augmentation done the plain way: resize everything, normalise, pad, crop, flip."""
+    scale = rng.uniform(*scale_range)
+    size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
+    img = (resize_bilinear(image.astype(np.float32) / 255, size) - np.array(MEAN)) / np.array(STD)
+    lab = resize_nearest(label, size)
+    pad = (max(crop[0] - size[0], 0), max(crop[1] - size[1], 0))
+    img = np.pad(img, ((0, pad[0]), (0, pad[1]), (0, 0)))
+    lab = np.pad(lab, ((0, pad[0]), (0, pad[1])), constant_values=255)
+    top = int(rng.integers(0, lab.shape[0] - crop[0] + 1))
+    left = int(rng.integers(0, lab.shape[1] - crop[1] + 1))
+    img, lab = img[top:top + crop[0], left:left + crop[1]], lab[top:top + crop[0], left:left + crop[1]]
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    return img.transpose(2, 0, 1), lab
+
+
+def test_cropping_before_resampling_equals_the_plain_pipeline():
+    rng = np.random.default_rng(7)
+    transform = SegTransform(crop_size=(40, 52), augment=True, scale_range=(0.4, 2.5))
+    for trial in range(30):
+        image, label = _random_image(rng, 37, 61), rng.integers(0, 30, (37, 61))
+        got_image, got_label = transform(image, label, np.random.default_rng(trial))
+        want_image, want_label = _resize_pad_crop_flip(image, label, np.random.default_rng(trial), (40, 52),
+                                                       (0.4, 2.5))
+        assert np.array_equal(got_label.numpy(), want_label)
+        assert np.allclose(got_image.numpy(), want_image, atol=1e-4)
+
+
 @pytest.mark.parametrize("src, dst", [((23, 19), (29, 24)), ((23, 19), (11, 9)), ((5, 7), (13, 25))])
 def test_numpy_resizing_matches_torch_interpolate(src, dst):
     rng = np.random.default_rng(6)
