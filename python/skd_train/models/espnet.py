@@ -50,8 +50,8 @@ class ESPBlock(nn.Module):
 
 
 class ESPNetC(nn.Module):
-    """forward(images (B, 3, H, W)) -> [logits (B, K, H/8, W/8), None, features (B, 256 * width, H/8, W/8),
-    None, level3 (B, 128 * width, H/8, W/8), level2 (stride 4), level1 (stride 2)].
+    """forward(images (B, 3, H, W)) -> [logits (B, K, h, w), None, features (B, 256 * width, h, w), None,
+    level3 (B, 128 * width, h, w), level2 (stride 4), level1 (stride 2)], (h, w) = output_size(H), output_size(W).
 
     alpha2, alpha3: ESP blocks at levels 2 and 3 (the paper's ESPNet-C uses 2 and 8)."""
 

@@ -91,7 +91,7 @@ class MobileNetV2Backbone(nn.Module):
 
 class MobileNetV2Seg(nn.Module):
     """forward(images (B, 3, H, W)) -> [logits, dsn_logits, psp_features, stage4, stage3, stage2, stage1]
-    with logits (B, K, H/8, W/8) and psp_features (B, 128 * width, H/8, W/8)."""
+    with logits (B, K, h, w) and psp_features (B, 128 * width, h, w), (h, w) = output_size(H), output_size(W)."""
 
     def __init__(self, num_classes: int, width: float = 1.0):
         super().__init__()
