@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from skd_train.data import MEAN, STD, build_dataset
-from skd_train.data.transforms import SegTransform
+from skd_train.data.transforms import SegTransform, resize_bilinear, resize_nearest
 
 PIL = pytest.importorskip("PIL.Image", reason="Pillow is needed to write the fake dataset trees")
 PALETTE = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10], [10, 250, 250]], np.uint8)
@@ -115,6 +115,10 @@ def test_unknown_dataset_and_split_are_rejected(tmp_path):
         build_dataset("voc")
     with pytest.raises(ValueError, match="split"):
         build_dataset("procedural", split="holdout")
+    with pytest.raises(ValueError, match="seed"):
+        build_dataset("procedural", seed=-1)
+    with pytest.raises(ValueError, match="crop_size"):
+        build_dataset("procedural", crop_size=(0, 8))
 
 
 # ---- The augmentation ------------------------------------------------------------------------------
@@ -147,6 +151,48 @@ def test_augmentation_keeps_image_and_label_aligned():
         assert torch.all(out_image[:, torch.from_numpy(pad)] == 0)
     assert padded > 0  # scales below 0.75 must have needed padding
     assert agree / total > 0.97  # only bilinear blur at block edges may disagree
+
+
+def _resize_pad_crop_flip(image, label, rng, crop, scale_range):
+    """The augmentation done the plain way: resize everything, normalise, pad, crop, flip."""
+    scale = rng.uniform(*scale_range)
+    size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
+    img = (resize_bilinear(image.astype(np.float32) / 255, size) - np.array(MEAN)) / np.array(STD)
+    lab = resize_nearest(label, size)
+    pad = (max(crop[0] - size[0], 0), max(crop[1] - size[1], 0))
+    img = np.pad(img, ((0, pad[0]), (0, pad[1]), (0, 0)))
+    lab = np.pad(lab, ((0, pad[0]), (0, pad[1])), constant_values=255)
+    top = int(rng.integers(0, lab.shape[0] - crop[0] + 1))
+    left = int(rng.integers(0, lab.shape[1] - crop[1] + 1))
+    img, lab = img[top:top + crop[0], left:left + crop[1]], lab[top:top + crop[0], left:left + crop[1]]
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    return img.transpose(2, 0, 1), lab
+
+
+def test_cropping_before_resampling_equals_the_plain_pipeline():
+    rng = np.random.default_rng(7)
+    transform = SegTransform(crop_size=(40, 52), augment=True, scale_range=(0.4, 2.5))
+    for trial in range(30):
+        image, label = _random_image(rng, 37, 61), rng.integers(0, 30, (37, 61))
+        got_image, got_label = transform(image, label, np.random.default_rng(trial))
+        want_image, want_label = _resize_pad_crop_flip(image, label, np.random.default_rng(trial), (40, 52),
+                                                       (0.4, 2.5))
+        assert np.array_equal(got_label.numpy(), want_label)
+        assert np.allclose(got_image.numpy(), want_image, atol=1e-4)
+
+
+@pytest.mark.parametrize("src, dst", [((23, 19), (29, 24)), ((23, 19), (11, 9)), ((5, 7), (13, 25))])
+def test_numpy_resizing_matches_torch_interpolate(src, dst):
+    rng = np.random.default_rng(6)
+    image, label = rng.normal(size=(*src, 3)).astype(np.float32), rng.integers(0, 20, src)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=dst,
+                                               mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    # torch forms the source coordinate in float32 too, rounded slightly differently: ~1e-5.
+    assert np.allclose(resize_bilinear(image, dst), expected.numpy(), atol=2e-4)
+    expected_label = torch.nn.functional.interpolate(torch.from_numpy(label)[None, None].float(), size=dst,
+                                                     mode="nearest-exact")[0, 0].long()
+    assert np.array_equal(resize_nearest(label, dst), expected_label.numpy())
 
 
 def test_flip_and_unit_scale_move_image_and_label_together():
@@ -191,6 +237,7 @@ def test_procedural_is_deterministic_by_seed_split_and_epoch():
 
 def test_datasets_batch_with_the_default_collate():
     ds = build_dataset("procedural", crop_size=(32, 40), num_samples=6)
+    assert build_dataset("procedural")[0][0].shape == (3, 64, 64)  # the dataset's default crop
     images, labels = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert images.shape == (3, 3, 32, 40) and labels.shape == (3, 32, 40) and labels.dtype == torch.int64
 
@@ -228,3 +275,13 @@ def test_brain_default_is_real_split_by_position_and_cached(tmp_path, monkeypatc
     # The cache is reused: a second dataset reads the same slices.
     again = build_dataset("brain", split="val", crop_size=None, augment=False)
     assert np.array_equal(again.labels, val.labels) and np.array_equal(again.images, val.images)
+
+
+def test_brain_without_nilearn_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util as util
+
+    monkeypatch.setenv("SKD_TRAIN_CACHE", str(tmp_path))  # no cache: the template must be read
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install nilearn"):
+        build_dataset("brain")

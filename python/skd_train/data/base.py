@@ -23,12 +23,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
     default_scale_range = (0.5, 2.0)
 
     def __init__(self, split, crop_size, augment, seed, scale_range=None):
+        # ints and NumPy integers; not floats or bools
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.split, self.seed, self.epoch = split, int(seed), 0
         self.transform = SegTransform(crop_size, augment, scale_range or self.default_scale_range,
                                       self.ignore_index)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw fresh augmentations for a new epoch (still reproducible)."""
+        """Draw fresh augmentations for a new epoch (still reproducible). DataLoader workers hold copies:
+        call it before iterating, without persistent_workers, so that new workers see it."""
         self.epoch = int(epoch)
 
     def load(self, index: int):

@@ -2,7 +2,8 @@
 that nilearn ships (T1 plus grey- and white-matter probability maps, 197 x 233 x 189 at 1 mm).
 
 Each axial slice with more than 5 % brain is a sample: image = the T1 slice (anterior up) as three equal
-channels; label = argmax over (1 - gm - wm, gm, wm): 0 background, 1 grey matter, 2 white matter.
+channels; label = argmax over (1 - gm - wm, gm, wm): 0 background (outside the brain, and the CSF and ventricles
+inside it), 1 grey matter, 2 white matter.
 Train and val are interleaved blocks of 8 slices (every 5th block is val), with the 2 slices next to a
 val block left out of train, so neighbouring, nearly identical slices never sit on both sides.
 Decoded slices are cached in an .npz (see cache_dir) so later runs need neither nibabel nor decoding."""

@@ -1,10 +1,12 @@
 """Segmentation networks of the reference trainer, each returning the official 7-element output list
-[logits, dsn_logits, pair_features, stage4, stage3, stage2, stage1] (logits at output stride 8)."""
+[logits, dsn_logits, pair_features, stage4, stage3, stage2, stage1] (logits at output stride 8, all
+on the PSPNet teacher's grid: output_size(512) = 65, so students and teacher compare pixel by pixel)."""
 from __future__ import annotations
 
 import torch.nn as nn
 
 from .espnet import ESPNetC
+from .layers import output_size
 from .mobilenetv2 import MobileNetV2Seg
 from .pspnet import PSPNet
 from .weights import load_backbone_weights, load_weights
@@ -45,4 +47,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["build_model", "load_weights", "load_backbone_weights", "count_parameters", "MODEL_NAMES",
-           "PAIR_FEATURES_INDEX", "PSPNet", "MobileNetV2Seg", "ESPNetC"]
+           "PAIR_FEATURES_INDEX", "output_size", "PSPNet", "MobileNetV2Seg", "ESPNetC"]

@@ -16,17 +16,6 @@ def check_width(width: float) -> float:
     return width
 
 
-def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dilation: int = 1,
-                 bias: bool = False) -> nn.Sequential:
-    """Conv (same padding) -> BatchNorm -> ReLU, indices 0, 1, 2 (the official conv/InPlaceABN pair)."""
-    padding = dilation * (kernel - 1) // 2
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
-
-
 def init_weights(module: nn.Module) -> None:
     """He init for convolutions, unit scale for norms: a stable start for training from scratch."""
     for m in module.modules():
@@ -37,3 +26,11 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def output_size(size: int) -> int:
+    """Side of every model's logits for an input side `size`: the PSPNet teacher's grid. Stride-2 conv
+    (ceil(s/2)), ceil-mode 3x3 max-pool (floor(s/2) + 1), stride-2 conv (ceil(s/2)): 512 -> 65, 64 -> 9."""
+    half = -(-size // 2)
+    quarter = half // 2 + 1
+    return -(-quarter // 2)

@@ -5,6 +5,7 @@ stride-2 blocks 7 and 14 keep stride 1 and the blocks after them dilate 2 and 4)
 from __future__ import annotations
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .heads import PSPModule, dsn_head
 from .layers import check_width, init_weights, scaled
@@ -14,6 +15,9 @@ SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 
             (6, 320, 1, 1))
 # Output stride 8: from features.7 on, strides become dilations (7..13 dilate 2, 14..17 dilate 4).
 DILATION_FROM = {7: 2, 14: 4}
+# The stride-4 block mimics the teacher's ceil-mode max-pool so that every model has the teacher's
+# output grid (65 x 65 for 512 x 512) and logits and features compare position by position.
+CEIL_MODE_BLOCK = 2
 STAGE_ENDS = (4, 7, 14, 19)  # features[:4] stride 4 (24 ch), [4:7] stride 8 (32), [7:14] (96), [14:] (1280)
 
 
@@ -30,16 +34,22 @@ def conv_bn_relu6(in_ch, out_ch, kernel=3, stride=1, dilation=1, groups=1):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, inp, oup, stride, expand_ratio, dilation=1):
+    """ceil_mode: pad one zero row and column at the end before the strided depthwise conv, so that
+    the block downsamples h -> floor(h/2) + 1 like the PSPNet stem's ceil-mode max-pool."""
+
+    def __init__(self, inp, oup, stride, expand_ratio, dilation=1, ceil_mode=False):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = stride == 1 and inp == oup
+        self.ceil_mode = ceil_mode
         layers = [conv_bn_relu6(inp, hidden, 1)] if expand_ratio != 1 else []
         layers += [conv_bn_relu6(hidden, hidden, 3, stride, dilation, groups=hidden),
                    nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup)]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x):
+        if self.ceil_mode:
+            return self.conv[2:](self.conv[1](F.pad(self.conv[0](x), (0, 1, 0, 1))))
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
@@ -62,7 +72,8 @@ class MobileNetV2Backbone(nn.Module):
                     stride, block_dilation, dilation = 1, dilation, DILATION_FROM[index]
                 else:
                     block_dilation = dilation
-                features.append(InvertedResidual(in_ch, out_ch, stride, t, block_dilation))
+                features.append(InvertedResidual(in_ch, out_ch, stride, t, block_dilation,
+                                                 ceil_mode=index == CEIL_MODE_BLOCK))
                 in_ch = out_ch
         features.append(conv_bn_relu6(in_ch, self.last_channels, 1))
         self.features = nn.Sequential(*features)
@@ -80,7 +91,7 @@ class MobileNetV2Backbone(nn.Module):
 
 class MobileNetV2Seg(nn.Module):
     """forward(images (B, 3, H, W)) -> [logits, dsn_logits, psp_features, stage4, stage3, stage2, stage1]
-    with logits (B, K, H/8, W/8) and psp_features (B, 128 * width, H/8, W/8)."""
+    with logits (B, K, h, w) and psp_features (B, 128 * width, h, w), (h, w) = output_size(H), output_size(W)."""
 
     def __init__(self, num_classes: int, width: float = 1.0):
         super().__init__()

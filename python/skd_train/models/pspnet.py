@@ -11,8 +11,9 @@ from .resnet import DilatedResNet
 
 class PSPNet(nn.Module):
     """forward(images (B, 3, H, W)) -> [logits, dsn_logits, psp_features, layer4, layer3, layer2, layer1],
-    the official order; logits and dsn_logits (B, K, ceil(H/8), ceil(W/8)), psp_features
-    (B, head_channels, H/8, W/8), layer1 at stride 4 and the others at stride 8.
+    the official order; logits and dsn_logits (B, K, h, w), psp_features (B, head_channels, h, w),
+    layers 2-4 on the same grid and layer1 at stride 4, where h = output_size(H) (65 for 512: the stem's
+    ceil-mode max-pool adds one row).
 
     Attribute names follow the official pspnet_combine.py (conv1.., layer1.., pspmodule, head, dsn)."""
 

@@ -1,7 +1,7 @@
-"""Loading weights: our own state_dict, the official SKD repository's checkpoints (DataParallel
+"""Loading weights: our own state_dict, the official SKD repository's checkpoints (PSPNet: DataParallel
 'module.' prefixes, backbone at the top level, InPlace-ABN norms without num_batches_tracked, the older
-'head.0'/'head.1' and 'layer5'/'layer6' head names, its 4-module DSN) and torchvision's MobileNetV2
-ImageNet layout. Every failure names the file and the offending keys."""
+'head.0'/'head.1' and 'layer5'/'layer6' head names, its 4-module DSN; ESPNet-C: its module names) and
+torchvision's MobileNetV2 ImageNet layout. Every failure names the file and the offending keys."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,9 +18,19 @@ _RENAMES = (
     (re.compile(r"^head\.1\."), "head."),
     (re.compile(r"^layer5\."), "pspmodule."),           # CVPR-branch student: layer5 = PSP, layer6 = conv
     (re.compile(r"^layer6\."), "head."),
-    (re.compile(r"^dsn\.3\."), "dsn.4."),               # official dsn (conv, ABN, dropout, conv); ours adds ReLU
+    (re.compile(r"^dsn\.3\."), "dsn.4."),               # official dsn (conv, ABN, dropout, conv); ours has the
+                                                        # activation as a module of its own
     (re.compile(r"^(conv[123]|bn[123]|layer[1-4])\."), r"backbone.\1."),  # official ResNet at top level
     (re.compile(r"^features\."), "backbone.features."),  # torchvision MobileNetV2
+    # Official ESPNet-C (CBR/BR/C/CDilated wrappers with .conv/.bn/.act; DownSamplerB, ESP blocks c1, d1..d16).
+    (re.compile(r"^level1\.(conv|bn|act)\."), lambda m: f"level1.{('conv', 'bn', 'act').index(m[1])}."),
+    (re.compile(r"^(b[123])\.(bn|act)\."), lambda m: f"{m[1]}.{('bn', 'act').index(m[2])}."),
+    (re.compile(r"^(level[23](?:_0|\.\d+))\.c1\.conv\."), r"\1.reduce."),
+    (re.compile(r"^(level[23](?:_0|\.\d+))\.d(1|2|4|8|16)\.conv\."),
+     lambda m: f"{m[1]}.branches.{('1', '2', '4', '8', '16').index(m[2])}."),
+    (re.compile(r"^(level[23]_0)\.(bn|act)\."), lambda m: f"{m[1]}.out.{('bn', 'act').index(m[2])}."),
+    (re.compile(r"^(level[23]\.\d+)\.bn\.(bn|act)\."), lambda m: f"{m[1]}.out.{('bn', 'act').index(m[2])}."),
+    (re.compile(r"^classifier\.conv\."), "classifier."),
 )
 _SKIPPED = re.compile(r"^(fc|classifier)\.")  # ImageNet classifiers: never part of a segmentation net
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "student", "net")
@@ -56,13 +66,11 @@ def map_keys(state: dict, model_keys) -> dict:
     for key, value in state.items():
         key = key[len("module."):] if key.startswith("module.") else key
         if key not in model_keys:
-            if _SKIPPED.match(key):
+            renamed = (pattern.sub(repl, key) for pattern, repl in _RENAMES)
+            new = next((name for name in renamed if name in model_keys), None)
+            if new is None and _SKIPPED.match(key):
                 continue
-            for pattern, repl in _RENAMES:
-                new = pattern.sub(repl, key)
-                if new != key and new in model_keys:
-                    key = new
-                    break
+            key = new or key
         mapped[key] = value
     return mapped
 
