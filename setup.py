@@ -14,10 +14,16 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["skd_kernels", "skd_kernels.ops", "skd_kernels.triton", "skd_kernels.csrc"],
-    package_dir={"skd_kernels.csrc": "csrc"},
-    package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu"]},
-    install_requires=["torch>=2.11", "ninja"],
+    packages=["skd_kernels", "skd_kernels.ops", "skd_kernels.triton", "skd_kernels.csrc",
+              "skd_train", "skd_train.models", "skd_train.data"],
+    package_dir={"skd_kernels.csrc": "csrc", "skd_train": "python/skd_train"},
+    package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu"], "skd_train": ["configs/*.yaml"]},
+    entry_points={"console_scripts": ["skd-train = skd_train.cli:main"]},
+    # pillow reads the on-disk datasets; nibabel + nilearn (its bundled MNI152 template) are the
+    # trainer's embedded default dataset "brain".
+    install_requires=["torch>=2.11", "ninja", "pillow", "nibabel", "nilearn>=0.10"],
     # numpy: the Triton interpreter (CPU tests) needs it; torch does not pull it in.
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
+    # train: the trainer's config files, progress bar and loss plots (it runs without them, with fallbacks).
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
+                    "train": ["pyyaml", "tqdm", "matplotlib"]},
 )

@@ -1,0 +1,191 @@
+"""The reference trainer: metrics, config, a tiny end-to-end run with every loss, baseline vs distilled,
+exact resume after a kill, and a finite holistic D step at batch 4-6."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from train_helpers import state_dicts_equal, tiny_config
+
+from skd_train.config import TrainConfig, add_config_arguments, build_config
+from skd_train.metrics import confusion_matrix, iou_from_confusion, mean_iou
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+def test_confusion_matrix_counts_pairs_and_skips_ignored_pixels():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])
+    cm = confusion_matrix(pred, label, 3, ignore_index=255)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 1], [1, 0, 1]]
+
+
+def test_miou_on_known_confusion_matrix():
+    cm = torch.tensor([[1, 1, 0], [0, 2, 1], [1, 0, 1]])
+    # IoU_c = TP / (row + col - TP): 1/(2+2-1), 2/(3+3-2), 1/(2+2-1)
+    expected = [1 / 3, 2 / 4, 1 / 3]
+    assert iou_from_confusion(cm).tolist() == pytest.approx(expected)
+    assert mean_iou(cm) == pytest.approx(sum(expected) / 3)
+
+
+def test_miou_ignores_classes_absent_from_truth_and_prediction():
+    cm = torch.tensor([[5, 0, 0], [0, 0, 0], [0, 0, 3]])
+    iou = iou_from_confusion(cm)
+    assert iou[0] == 1 and iou[2] == 1 and math.isnan(iou[1])
+    assert mean_iou(cm) == 1.0
+    # a class predicted but never true counts as IoU 0
+    assert mean_iou(torch.tensor([[4, 1], [0, 0]])) == pytest.approx((4 / 5 + 0) / 2)
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model():
+    from skd_train.evaluate import logits_at, sliding_window_logits
+
+    class Pointwise(torch.nn.Module):  # output stride 1, no context: windows must agree with the whole
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return [self.conv(x)]
+
+    model, images = Pointwise(), torch.randn(2, 3, 23, 37)
+    whole = logits_at(model, images)
+    tiled = sliding_window_logits(model, images, 4, window=(16, 16), stride_ratio=0.5)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
+
+
+# --- config --------------------------------------------------------------------------------------
+
+def test_config_file_then_command_line_overrides(tmp_path):
+    import argparse
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 77\npixel_weight: 3.0\nlr: 0.05\ncrop_size: [48, 40]\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--lr", "0.2", "--no-pixel", "--dataset-options",
+                              '{"num_samples": 5}'])
+    cfg = build_config(args)
+    assert (cfg.steps, cfg.pixel_weight, cfg.lr, cfg.crop_size) == (77, 3.0, 0.2, (48, 40))
+    assert cfg.pixel is False and cfg.pair is True and cfg.dataset_options == {"num_samples": 5}
+    assert "pixel" not in cfg.distill_terms() and cfg.distill_terms()["pair"] == 0.5
+    assert build_config(pair_weight=0).distill_terms().keys() == {"pixel", "holistic"}
+
+
+def test_config_rejects_unknown_options_and_bad_values(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="stepz"):
+        import argparse
+        build_config(argparse.Namespace(config=str(bad)))
+    with pytest.raises(ValueError, match="amp"):
+        build_config(amp="fp8")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        build_config(argparse.Namespace(config=str(tmp_path / "nope.yaml")))
+
+
+def test_official_recipe_defaults():
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.poly_power, cfg.lr_d) == (0.01, 0.9, 5e-4, 0.9, 4e-4)
+    assert cfg.distill_terms() == {"pixel": 10.0, "pair": 0.5, "holistic": 0.1}
+    assert (cfg.d_weight, cfg.lambda_gp, cfg.dsn_weight) == (0.1, 10.0, 0.4)
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+def _log_rows(out_dir):
+    with open(out_dir / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_with_every_loss_through_the_command_line(tmp_path, capsys):
+    from skd_train.cli import main
+    cfg = tiny_config(tmp_path)
+    args = ["train", "--dataset", "procedural", "--dataset-options", '{"num_samples": 12}', "--crop-size", "32", "32",
+            "--batch-size", "4", "--width", "0.0625", "--teacher", cfg.teacher, "--teacher-width",
+            str(cfg.teacher_width), "--teacher-weights", cfg.teacher_weights, "--d-conv-dim", "8", "--steps", "3",
+            "--device", "cpu", "--no-progress", "--out-dir", cfg.out_dir, "--ohem", "--ohem-min-kept", "500"]
+    assert main(args) == 0
+    rows = _log_rows(tmp_path / "run")
+    steps = [r for r in rows if r["task"]]
+    assert [int(r["step"]) for r in steps] == [1, 2, 3]
+    for r in steps:
+        for key in ("task", "pixel", "pair", "adv_g", "d_loss", "loss"):
+            assert math.isfinite(float(r[key])), (key, r)
+        assert float(r["pixel"]) > 0 and float(r["pair"]) > 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0 <= results["miou"] <= 1 and len(results["iou"]) == 4
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "model.pt").exists()
+    # `skd-train eval` scores the saved weights: the same mIoU as the run's final evaluation
+    capsys.readouterr()
+    assert main(["eval", "--config", str(tmp_path / "run" / "config.json"), "--weights",
+                 str(tmp_path / "run" / "model.pt"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"mIoU {100 * results['miou']:.2f}")
+
+
+def test_baseline_and_distilled_differ_only_in_the_loss_switches(tmp_path):
+    from skd_train.train import Trainer
+    plain = tiny_config(tmp_path, "plain", pixel=False, pair=False, holistic=False)
+    distilled = tiny_config(tmp_path, "distilled")
+    diff = {k for k, v in plain.to_dict().items() if distilled.to_dict()[k] != v}
+    assert diff == {"pixel", "pair", "holistic", "out_dir"}
+    a = Trainer(plain)
+    xa, ya = next(iter(a._epoch_loader()))
+    va = a.train_step(xa, ya)
+    b = Trainer(distilled)  # built after a's step: the generators are reseeded at the end of construction
+    xb, yb = next(iter(b._epoch_loader()))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same data
+    assert a.teacher is None and a.distill.D is None and b.teacher is not None and b.distill.D is not None
+    vb = b.train_step(xb, yb)
+    assert va["task"] == vb["task"]  # same task loss before the first update
+    assert set(vb) - set(va) == {"pixel", "pair", "adv_g", "d_loss"}
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+    from skd_train.checkpoint import load_checkpoint
+    from skd_train.train import SimulatedKill, train
+    # 12 samples / batch 4 = 3 steps per epoch: the run crosses epochs, the kill lands mid-epoch,
+    # after the step-4 checkpoint, so step 5 is lost and redone.
+    common = dict(steps=7, ckpt_every=2, eval_every=3)
+    train(tiny_config(tmp_path, "straight", **common))
+    with pytest.raises(SimulatedKill):
+        train(tiny_config(tmp_path, "killed", stop_after=5, **common))
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 4
+    train(tiny_config(tmp_path, "killed", resume=True, **common))
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert a["step"] == b["step"] == 7
+    for part in ("model", "D"):
+        assert state_dicts_equal(a[part], b[part]) == [], part
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    # the resumed log has each step once, with the same values
+    rows_a, rows_b = _log_rows(tmp_path / "straight"), _log_rows(tmp_path / "killed")
+    assert rows_a == rows_b
+
+
+@pytest.mark.parametrize("batch", [4, 5, 6])
+def test_holistic_d_step_stays_finite_at_small_batches(tmp_path, batch):
+    from skd_train.losses import DistillLosses
+    torch.manual_seed(batch)
+    cfg = build_config(batch_size=batch, d_conv_dim=8, pixel=False, pair=False)
+    losses = DistillLosses(cfg, num_classes=3)
+    opt = torch.optim.SGD(losses.D.parameters(), lr=cfg.lr_d, momentum=0.9)
+    # degenerate maps: a class never predicted (constant channel), saturated and identical samples
+    teacher = torch.randn(batch, 3, 16, 16) * 20
+    student = torch.zeros(batch, 3, 16, 16)
+    student[:, 0] = 30.0
+    for _ in range(5):
+        opt.zero_grad()
+        d_loss = losses.d_loss([student], [teacher])
+        d_loss.backward()
+        assert torch.isfinite(d_loss)
+        assert all(torch.isfinite(p.grad).all() for p in losses.D.parameters() if p.grad is not None)
+        opt.step()
+        g = losses.student_terms([student.requires_grad_()], [teacher])["adv_g"]
+        assert torch.isfinite(g)
