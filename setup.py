@@ -19,11 +19,11 @@ setup(
     package_dir={"skd_kernels.csrc": "csrc", "skd_train": "python/skd_train"},
     package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu"], "skd_train": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["skd-train = skd_train.cli:main"]},
-    # pillow reads the on-disk datasets; nibabel + nilearn (its bundled MNI152 template) are the
-    # trainer's embedded default dataset "brain".
-    install_requires=["torch>=2.11", "ninja", "pillow", "nibabel", "nilearn>=0.10"],
-    # numpy: the Triton interpreter (CPU tests) needs it; torch does not pull it in.
-    # train: the trainer's config files, progress bar and loss plots (it runs without them, with fallbacks).
+    install_requires=["torch>=2.11", "ninja"],
+    # test: numpy, which the Triton interpreter (CPU tests) needs and torch does not pull in.
+    # train: the reference trainer (python/skd_train): pillow reads the on-disk datasets; nibabel +
+    # nilearn (its bundled MNI152 template) are the embedded default dataset "brain"; config files,
+    # progress bar and loss plots (it runs without those three, with fallbacks).
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
-                    "train": ["pyyaml", "tqdm", "matplotlib"]},
+                    "train": ["pillow", "nibabel", "nilearn>=0.10", "pyyaml", "tqdm", "matplotlib"]},
 )

@@ -69,7 +69,9 @@ def _missing_tool(kind: str) -> str | None:
 def _extension_name(kind: str) -> str:
     # Digest of every file under csrc/, headers included: torch's own versioning hashes sources only.
     digest = hashlib.sha256()
-    digest.update(f"{torch.__version__} {sys.version_info[:2]} {_flags(kind)}".encode())
+    # The sources' directory too: ninja files hold absolute paths, so two checkouts with identical
+    # sources sharing a build folder would keep rebuilding each other's.
+    digest.update(f"{torch.__version__} {sys.version_info[:2]} {_flags(kind)} {csrc_dir()}".encode())
     for path in sorted(csrc_dir().rglob("*")):
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
