@@ -285,6 +285,61 @@ void over_chunks(const PairwiseNodesProblem& p, void (*chunk)(const PairwiseNode
   for (int64_t w = 0; w < p.batch * chunks; ++w) chunk(p, w / chunks, (w % chunks) * kFlatChunk);
 }
 
+// Pooled nodes: the work unit is one image and a chunk of kPlaneChunk channels, each channel's
+// plane read from top to bottom (a node-row unit would read half planes, jumping between them,
+// which the prefetchers follow badly). The node norms need every channel: per-chunk partial sums of
+// squares, added up in a second pass that also scales the nodes.
+constexpr int64_t kPlaneChunk = 32;
+
+template <typename Scalar, bool kUnitStride>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+void pool_planes(const PairwiseNodesProblem& p, int64_t b, int64_t c0, int64_t c1, double* partial) {
+  using Acc = decltype(to_acc(Scalar{}));
+  const int64_t nw = p.nodes_w, m = p.nodes_h * nw;
+  std::vector<double> sums(p.pooling == NodePooling::Avg ? p.width : 0);
+  std::vector<Acc> maxima(p.pooling == NodePooling::Max ? p.width : 0);
+  std::vector<int32_t> col_row(p.width);
+  for (int64_t c = c0; c < c1; ++c) {
+    const Scalar* plane = static_cast<const Scalar*>(p.features) + b * p.feature_strides[0] + c * p.feature_strides[1];
+    for (int64_t i = 0; i < p.nodes_h; ++i) {
+      double* out = p.nodes + (b * p.channels + c) * m + i * nw;
+      int32_t* arg = p.argmax ? p.argmax + (b * p.channels + c) * m + i * nw : nullptr;
+      if (p.pooling == NodePooling::Max && arg) {
+        pool_channel<kUnitStride, true>(p, plane, i, out, arg, maxima.data(), col_row.data());
+      } else if (p.pooling == NodePooling::Max) {  // no gradient wanted (the teacher): no argmax
+        pool_channel<kUnitStride, false>(p, plane, i, out, arg, maxima.data(), col_row.data());
+      } else {  // sums in double
+        pool_channel<kUnitStride, false>(p, plane, i, out, arg, sums.data(), col_row.data());
+      }
+      for (int64_t j = 0; j < nw; ++j) partial[i * nw + j] += out[j] * out[j];
+    }
+  }
+}
+
+template <typename Scalar, bool kUnitStride>
+void forward_pooled(const PairwiseNodesProblem& p) {
+  const int64_t m = p.nodes_h * p.nodes_w, chunks = (p.channels + kPlaneChunk - 1) / kPlaneChunk;
+  std::vector<double> partial(p.batch * chunks * m, 0.0);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t w = 0; w < p.batch * chunks; ++w) {
+    const int64_t b = w / chunks, c0 = (w % chunks) * kPlaneChunk;
+    pool_planes<Scalar, kUnitStride>(p, b, c0, std::min(c0 + kPlaneChunk, p.channels), &partial[w * m]);
+  }
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t k = 0; k < m; ++k) {
+      double sumsq = 0.0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sumsq += partial[(b * chunks + chunk) * m + k];
+      p.inv_norm[b * m + k] = inverse_norm(p, sumsq);
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < p.batch * p.channels; ++bc) {
+    const double* inv = p.inv_norm + (bc / p.channels) * m;
+    double* out = p.nodes + bc * m;
+    for (int64_t k = 0; k < m; ++k) out[k] *= inv[k];
+  }
+}
+
 template <typename Scalar>
 void over_rows(const PairwiseNodesProblem& p, void (*row)(const PairwiseNodesProblem&, int64_t, int64_t)) {
   const int64_t rows = p.batch * p.nodes_h;
@@ -305,8 +360,11 @@ void dispatch(const PairwiseNodesProblem& p) {
 template <typename Scalar> struct Forward {
   static void run(const PairwiseNodesProblem& p) {
     // Unit stride along rows (NCHW) is the common case: a compile-time stride lets the loops vectorise.
+    const bool unit = p.feature_strides[3] == 1;
     if (flat_layout(p, p.feature_strides)) over_chunks<Scalar>(p, nodes_forward_flat<Scalar>);
-    else if (p.feature_strides[3] == 1) over_rows<Scalar>(p, nodes_forward_row<Scalar, true>);
+    else if (p.pooling != NodePooling::None && unit) forward_pooled<Scalar, true>(p);
+    else if (p.pooling != NodePooling::None) forward_pooled<Scalar, false>(p);
+    else if (unit) over_rows<Scalar>(p, nodes_forward_row<Scalar, true>);
     else over_rows<Scalar>(p, nodes_forward_row<Scalar, false>);
   }
 };
