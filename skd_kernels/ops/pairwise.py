@@ -467,8 +467,9 @@ def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
         _, gs, gt = pairwise_distill(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm,
                                      need_s, need_t, backend)
     # These buffers belong to this graph alone, so scaling them in place is safe and saves a copy;
-    # loss.backward() on the CPU passes exactly 1 (checked without a device sync), a pass saved.
-    if not (grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0):
+    # loss.backward() on the CPU passes exactly 1 (checked without a device sync, and not while
+    # tracing, where the value is unknown), a pass saved.
+    if torch.compiler.is_compiling() or not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
         gs = gs.mul_(grad_loss) if need_s else None
         gt = gt.mul_(grad_loss) if need_t else None
     return (gs if need_s else None, gt if need_t else None, *nothing)
