@@ -320,9 +320,13 @@ class _Nodes:
     # The PyTorch fallback: the same two passes from stock ops. Custom-op kernels run below autograd,
     # so the pooling's backward is called directly.
     def _torch_forward(self):
-        x, k = self.features.double(), self.kernel
+        k = self.kernel
+        x = self.features if self.pooling == "max" and self.features.dtype in (torch.float32, torch.float64) \
+            else self.features.double()
         if self.pooling == "max":
+            # A maximum is one of the inputs: pool in float32/float64 and convert only the result.
             pooled, self.indices = F.max_pool2d(x, k, stride=k, ceil_mode=True, return_indices=True)
+            pooled = pooled.double()
         elif self.pooling == "avg":
             pooled = F.avg_pool2d(x, k, stride=k, ceil_mode=True)
         else:
