@@ -35,6 +35,7 @@ from .. import _validation as check
 from .._extension import load_extension
 from ..backends import resolve_backend
 from ..reference import official_pairwise_kernel, pairwise_distill_reference
+from ._fused_gradient import fake_outputs, loss_dtype, register_fused_gradient_autograd
 
 POOLINGS = ("max", "avg", "none")
 NORMALIZATIONS = ("official", "paper")
@@ -364,10 +365,6 @@ def _node_pass(backend: str, direction: str, nodes: _Nodes, *grads) -> None:
     getattr(module, f"pairwise_nodes_{direction}")(*args)
 
 
-def _loss_dtype(features: torch.Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 def _chunks(student, teacher, nodes_per_image):
     """Slices of the batch whose float64 nodes fit the working-set budget."""
     budget = _CHUNK_BYTES.get(student.device.type, 1 << 26)
@@ -401,7 +398,7 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
         if want_t:
             nt.backward(grad_t, 1.0 / (m * m * b), gt[part])
         del ns, nt, grad_s, grad_t
-    loss = (total / (m * m * b)).to(_loss_dtype(student))
+    loss = (total / (m * m * b)).to(loss_dtype(student))
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
 
@@ -434,49 +431,13 @@ pairwise_distill.register_kernel("cuda")(_device_kernel("cuda", ("torch", "cuda"
 @pairwise_distill.register_fake
 def _(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm, grad_student, grad_teacher,
       backend):
-    empty = student.new_empty(0)
-    return (student.new_empty((), dtype=_loss_dtype(student)),
-            torch.empty_like(student) if grad_student else empty,
-            torch.empty_like(teacher) if grad_teacher else empty.clone())
+    return fake_outputs(student, teacher, grad_student, grad_teacher)
 
 
-def _setup_context(ctx, inputs, output):
-    student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm, grad_student, grad_teacher, backend = inputs
-    _, gs, gt = output
-    ctx.mark_non_differentiable(gs, gt)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(student, teacher)
-    ctx.options = (kernel_h, kernel_w, pooling, normalization, algorithm, backend)
-    ctx.fused = (gs if grad_student else None, gt if grad_teacher else None)
+def _reference(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm):
+    # Builds the M x M matrices: only double backward (create_graph=True) comes here.
+    return pairwise_distill_reference(student, teacher, node_size=(kernel_h, kernel_w), pooling=pooling,
+                                      normalization=normalization)
 
 
-def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
-    nothing = (None,) * 8
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_loss is None or not (need_s or need_t):
-        return (None, None, *nothing)
-    student, teacher = ctx.saved_tensors
-    kernel_h, kernel_w, pooling, normalization, algorithm, backend = ctx.options
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiate the reference so second derivatives are exact; it builds
-        # the M x M matrices (the distillation recipe never takes this path).
-        loss = pairwise_distill_reference(student, teacher, node_size=(kernel_h, kernel_w),
-                                          pooling=pooling, normalization=normalization)
-        wanted = [x for x, need in ((student, need_s), (teacher, need_t)) if need]
-        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
-        return (next(grads) if need_s else None, next(grads) if need_t else None, *nothing)
-    gs, gt = ctx.fused
-    ctx.fused = (None, None)
-    if (need_s and gs is None) or (need_t and gt is None):  # a second backward (retain_graph=True)
-        _, gs, gt = pairwise_distill(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm,
-                                     need_s, need_t, backend)
-    # These buffers belong to this graph alone, so scaling them in place is safe and saves a copy;
-    # loss.backward() on the CPU passes exactly 1 (checked without a device sync, and not while
-    # tracing, where the value is unknown), a pass saved.
-    if torch.compiler.is_compiling() or not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-        gs = gs.mul_(grad_loss) if need_s else None
-        gt = gt.mul_(grad_loss) if need_t else None
-    return (gs if need_s else None, gt if need_t else None, *nothing)
-
-
-pairwise_distill.register_autograd(_backward, setup_context=_setup_context)
+register_fused_gradient_autograd(pairwise_distill, _reference)

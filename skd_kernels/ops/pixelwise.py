@@ -16,6 +16,7 @@ from .. import _validation as check
 from .._extension import load_extension
 from ..backends import resolve_backend
 from ..reference import PIXELWISE_FORMS, pixelwise_distill_reference
+from ._fused_gradient import fake_outputs, loss_dtype, register_fused_gradient_autograd
 
 _KL_FORMS = ("kl", "cvpr")  # forms whose per-pixel loss is a KL divergence; `official` is soft CE
 
@@ -81,10 +82,6 @@ def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
     return loss
 
 
-def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _form_scale(student, labels, ignore_index, tau, form, tau_squared) -> torch.Tensor:
     """The form's constant as a 0-d float64 tensor on the logits' device (no host sync)."""
     b, k, h, w = student.shape
@@ -118,7 +115,7 @@ def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_square
     gt = torch.empty_like(teacher) if grad_teacher else None
     _launch(backend, student, teacher, labels, ignore_index, 1.0 / tau, form in _KL_FORMS, scale,
             pixel_loss, gs, gt)
-    loss = (pixel_loss.sum() * scale).to(_loss_dtype(student))
+    loss = (pixel_loss.sum() * scale).to(loss_dtype(student))
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
 
@@ -149,45 +146,12 @@ pixelwise_distill.register_kernel("cuda")(_device_kernel("cuda", ("cuda", "trito
 
 @pixelwise_distill.register_fake
 def _(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student, grad_teacher, backend):
-    empty = student.new_empty(0)
-    return (student.new_empty((), dtype=_loss_dtype(student)),
-            torch.empty_like(student) if grad_student else empty,
-            torch.empty_like(teacher) if grad_teacher else empty.clone())
+    return fake_outputs(student, teacher, grad_student, grad_teacher)
 
 
-def _setup_context(ctx, inputs, output):
-    student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student, grad_teacher, backend = inputs
-    _, gs, gt = output
-    ctx.mark_non_differentiable(gs, gt)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(student, teacher, labels)
-    ctx.options = (ignore_index, tau, form, tau_squared, backend)
-    # The fused gradients, consumed by the first backward.
-    ctx.fused = (gs if grad_student else None, gt if grad_teacher else None)
+def _reference(student, teacher, labels, ignore_index, tau, form, tau_squared):
+    return pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau, tau_squared=tau_squared,
+                                       ignore_index=ignore_index)
 
 
-def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
-    nothing = (None,) * 8
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_loss is None or not (need_s or need_t):
-        return (None, None, *nothing)
-    student, teacher, labels = ctx.saved_tensors
-    ignore_index, tau, form, tau_squared, backend = ctx.options
-    if torch.is_grad_enabled():
-        # create_graph=True: the fused gradient is a constant to autograd, so differentiate the
-        # reference instead; second derivatives are then exact (at the reference's memory cost).
-        loss = pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
-                                           tau_squared=tau_squared, ignore_index=ignore_index)
-        wanted = [x for x, need in ((student, need_s), (teacher, need_t)) if need]
-        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
-        return (next(grads) if need_s else None, next(grads) if need_t else None, *nothing)
-    gs, gt = ctx.fused
-    ctx.fused = (None, None)
-    if (need_s and gs is None) or (need_t and gt is None):  # a second backward (retain_graph=True)
-        _, gs, gt = pixelwise_distill(student, teacher, labels, ignore_index, tau, form, tau_squared,
-                                      need_s, need_t, backend)
-    # These buffers belong to this graph alone, so scaling them in place is safe and saves a copy.
-    return (gs.mul_(grad_loss) if need_s else None, gt.mul_(grad_loss) if need_t else None, *nothing)
-
-
-pixelwise_distill.register_autograd(_backward, setup_context=_setup_context)
+register_fused_gradient_autograd(pixelwise_distill, _reference)
