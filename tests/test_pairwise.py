@@ -87,6 +87,27 @@ def test_loss_and_gradients_match_fp64_reference(backend, dtype, shape, config, 
     assert_close(*fused_and_reference(student, teacher, backend, options), dtype)
 
 
+# GPU backends pool windows of at least 8 positions with a kernel of their own (one window's rows per
+# program or warp): windows wider than one 32-wide tile and partial border windows, both poolings
+# and normalisations; integer-valued features make ties, where max_pool2d picks the first maximum.
+LARGE_WINDOW_SHAPE = (2, 5, 4, 11, 83)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("normalization", ["official", "paper"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_large_windows_match_fp64_reference(backend, dtype, pooling, normalization, ties):
+    device = backend_device(backend)
+    student, teacher = make_features(LARGE_WINDOW_SHAPE, torch.float64, device, seed=7)
+    if ties:
+        student, teacher = student.round(), teacher.round()
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    options = dict(node_size=(5, 40), pooling=pooling, normalization=normalization)
+    assert_close(*fused_and_reference(student, teacher, backend, options), dtype)
+
+
 # The official normalisation detaches the norm, so its gradient is by design not the derivative of
 # its value: gradcheck applies to the paper's normalisation (the official one is held to the
 # reference's autograd above).

@@ -1,10 +1,15 @@
 // The two fused passes of pair-wise distillation on CUDA: features -> normalised float64 nodes, and
 // the gradient back from nodes to features.
 //
-// One thread per node, looping over channels: neighbouring threads own neighbouring nodes, so for
-// node size 1 every channel step is a coalesced load of the map and a coalesced store of the nodes;
-// the node's norm needs all its channels, which one thread has. Each thread re-reads its own nodes
-// to scale them (L2 hits). Only plain CUDA headers, so this file compiles in seconds.
+// Small windows: one thread per node, looping over channels. Neighbouring threads own neighbouring
+// nodes, so for node size 1 every channel step is a coalesced load of the map and a coalesced store
+// of the nodes; the node's norm needs all its channels, which one thread has. Each thread re-reads
+// its own nodes to scale them (L2 hits).
+// Large windows (the official 3x3 nodes of 32x32 pixels): that gives too few threads, each walking
+// thousands of pixels, so one warp pools one (channel, node) window instead, its lanes reading the
+// window's rows coalesced, and a second kernel normalises (one block per node, threads over
+// channels); the backward's warps write the window rows the same way.
+// Only plain CUDA headers, so this file compiles in seconds.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -98,6 +103,133 @@ __global__ void nodes_backward_kernel(PairwiseNodesProblem p) {
   }
 }
 
+// --- large windows ------------------------------------------------------------------------------
+
+constexpr int kWarps = 8;  // per block: one (channel, node) window each
+constexpr int32_t kNoIndex = INT32_MAX;
+
+// max_pool2d's pick between two disjoint parts of a window: NaN wins, then the larger value; on a tie
+// (or two NaNs) the earlier position, so the result is the first maximum of the whole window.
+__device__ __forceinline__ void merge_max(double& v, int32_t& i, double v2, int32_t i2) {
+  const bool nan1 = isnan(v), nan2 = isnan(v2);
+  const bool take = nan1 != nan2 ? nan2 : (v2 > v || ((v2 == v || nan1) && i2 < i));
+  if (take) { v = v2; i = i2; }
+}
+
+template <typename Scalar>
+__global__ void window_pool_kernel(PairwiseNodesProblem p) {
+  const int64_t m = p.nodes_h * p.nodes_w, bn = blockIdx.x, b = bn / m, node = bn % m;
+  const int lane = threadIdx.x % 32;
+  const Window win = window(p, node / p.nodes_w, node % p.nodes_w);
+  const int64_t* st = p.feature_strides;
+  for (int64_t c = int64_t(blockIdx.y) * kWarps + threadIdx.x / 32; c < p.channels; c += int64_t(gridDim.y) * kWarps) {
+    const Scalar* plane = static_cast<const Scalar*>(p.features) + b * st[0] + c * st[1];
+    double acc = p.pooling == NodePooling::Max ? -INFINITY : 0.0;
+    int32_t best = kNoIndex;
+    for (int64_t h = win.h0; h < win.h1; ++h) {
+      for (int64_t w = win.w0 + lane; w < win.w1; w += 32) {  // each lane visits increasing positions
+        const double v = to_float(plane[h * st[2] + w * st[3]]);
+        if (p.pooling == NodePooling::Avg) acc += v;
+        else merge_max(acc, best, v, int32_t(h * p.width + w));
+      }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const double other = __shfl_down_sync(0xffffffffu, acc, offset);
+      const int32_t other_index = __shfl_down_sync(0xffffffffu, best, offset);
+      if (p.pooling == NodePooling::Avg) acc += other;
+      else merge_max(acc, best, other, other_index);
+    }
+    if (lane == 0) {
+      const int64_t k = (b * p.channels + c) * m + node;
+      p.nodes[k] = p.pooling == NodePooling::Avg ? acc / double((win.h1 - win.h0) * (win.w1 - win.w0)) : acc;
+      if (p.argmax) p.argmax[k] = best;
+    }
+  }
+}
+
+// Sum over the block's threads; every thread gets it. `scratch` holds one double per warp.
+__device__ double block_sum(double v, double* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) total += scratch[w];
+  return total;
+}
+
+__global__ void window_normalise_kernel(PairwiseNodesProblem p) {
+  __shared__ double scratch[kWarps];
+  const int64_t m = p.nodes_h * p.nodes_w, b = blockIdx.x / m, node = blockIdx.x % m;
+  double* u = p.nodes + b * p.channels * m + node;
+  double sumsq = 0.0;
+  for (int64_t c = threadIdx.x; c < p.channels; c += blockDim.x) sumsq += u[c * m] * u[c * m];
+  const double norm = sqrt(block_sum(sumsq, scratch));
+  const double inv = p.norm == NodeNorm::Official ? 1.0 / (norm + 1e-8) : 1.0 / fmax(norm, 1e-12);
+  if (threadIdx.x == 0) p.inv_norm[b * m + node] = inv;
+  for (int64_t c = threadIdx.x; c < p.channels; c += blockDim.x) u[c * m] *= inv;
+}
+
+template <typename Scalar>
+__global__ void window_backward_kernel(PairwiseNodesProblem p) {
+  __shared__ double scratch[kWarps];
+  const int64_t m = p.nodes_h * p.nodes_w, b = blockIdx.x / m, node = blockIdx.x % m;
+  const int lane = threadIdx.x % 32;
+  const Window win = window(p, node / p.nodes_w, node % p.nodes_w);
+  const double inv = p.inv_norm[b * m + node];
+  // The paper form's radial part needs every channel of the node: each block sums it (the nodes are
+  // few when windows are large, so the repeat is cheap).
+  double radial = 0.0;
+  if (p.norm == NodeNorm::Paper && inv < 1e12) {
+    double part = 0.0;
+    for (int64_t c = threadIdx.x; c < p.channels; c += blockDim.x)
+      part += p.nodes[(b * p.channels + c) * m + node] * grad_u(p, b, c, node, m);
+    radial = block_sum(part, scratch);
+  }
+  const int64_t* gs = p.grad_strides;
+  const double count = double((win.h1 - win.h0) * (win.w1 - win.w0));
+  for (int64_t c = int64_t(blockIdx.y) * kWarps + threadIdx.x / 32; c < p.channels; c += int64_t(gridDim.y) * kWarps) {
+    const int64_t k = (b * p.channels + c) * m + node;
+    double dp = (grad_u(p, b, c, node, m) - p.nodes[k] * radial) * inv;
+    if (p.pooling == NodePooling::Avg) dp /= count;
+    const int32_t best = p.argmax ? p.argmax[k] : kNoIndex;
+    Scalar* plane = static_cast<Scalar*>(p.grad_features) + b * gs[0] + c * gs[1];
+    for (int64_t h = win.h0; h < win.h1; ++h) {
+      for (int64_t w = win.w0 + lane; w < win.w1; w += 32) {
+        const bool picked = p.pooling != NodePooling::Max || best == h * p.width + w;
+        store(plane + h * gs[2] + w * gs[3], picked ? dp : 0.0);
+      }
+    }
+  }
+}
+
+// Windows of at least this many positions take the warp-per-window kernels.
+constexpr int64_t kLargeWindow = 8;
+
+bool large_windows(const PairwiseNodesProblem& p) {
+  return p.pooling != NodePooling::None && p.kernel_h * p.kernel_w >= kLargeWindow;
+}
+
+// Blocks: one row per (image, node); enough channel groups to fill the GPU, but not more than the
+// channels need.
+dim3 window_grid(const PairwiseNodesProblem& p) {
+  const int64_t nodes = p.batch * p.nodes_h * p.nodes_w;
+  const int64_t groups = (p.channels + kWarps - 1) / kWarps;
+  const int64_t wanted = (4096 + nodes - 1) / nodes;  // ~4096 blocks in all
+  return dim3(unsigned(nodes), unsigned(groups < wanted ? groups : wanted));
+}
+
+template <typename Scalar>
+void window_forward(const PairwiseNodesProblem& p, cudaStream_t s) {
+  window_pool_kernel<Scalar><<<window_grid(p), kWarps * 32, 0, s>>>(p);
+  window_normalise_kernel<<<unsigned(p.batch * p.nodes_h * p.nodes_w), kWarps * 32, 0, s>>>(p);
+}
+
+template <typename Scalar>
+void window_backward(const PairwiseNodesProblem& p, cudaStream_t s) {
+  window_backward_kernel<Scalar><<<window_grid(p), kWarps * 32, 0, s>>>(p);
+}
+
 template <template <typename> class Kernel>
 void launch(const PairwiseNodesProblem& p, void* stream) {
   const int64_t threads = 128, total = p.batch * p.nodes_h * p.nodes_w;
@@ -113,10 +245,16 @@ void launch(const PairwiseNodesProblem& p, void* stream) {
 }
 
 template <typename Scalar> struct Forward {
-  static void launch(dim3 g, int t, cudaStream_t s, const PairwiseNodesProblem& p) { nodes_forward_kernel<Scalar><<<g, t, 0, s>>>(p); }
+  static void launch(dim3 g, int t, cudaStream_t s, const PairwiseNodesProblem& p) {
+    if (large_windows(p)) window_forward<Scalar>(p, s);
+    else nodes_forward_kernel<Scalar><<<g, t, 0, s>>>(p);
+  }
 };
 template <typename Scalar> struct Backward {
-  static void launch(dim3 g, int t, cudaStream_t s, const PairwiseNodesProblem& p) { nodes_backward_kernel<Scalar><<<g, t, 0, s>>>(p); }
+  static void launch(dim3 g, int t, cudaStream_t s, const PairwiseNodesProblem& p) {
+    if (large_windows(p)) window_backward<Scalar>(p, s);
+    else nodes_backward_kernel<Scalar><<<g, t, 0, s>>>(p);
+  }
 };
 
 }  // namespace

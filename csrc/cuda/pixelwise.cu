@@ -41,12 +41,15 @@ __global__ void pixelwise_kernel(PixelwiseProblem p) {
   bool valid = true;
   if (p.labels) valid = p.labels[b * p.label_strides[0] + h * p.label_strides[1] + w * p.label_strides[2]] != p.ignore_index;
 
-  // Pass 1: online max and partition sum for both distributions.
+  // Pass 1: online max and partition sum for both distributions. The maxima are of the raw logits
+  // and every exponent is (x - max) * inv_tau: nvcc contracts x * inv_tau - max into one FMA, whose
+  // unrounded product would differ from the rounded one taken for the max (by up to an ulp of the
+  // logit, 1e-3 at 1e4), so the max class would not get exactly exp(0) and the passes would disagree.
   Acc ms = -INFINITY, mt = -INFINITY, zs = 0, zt = 0;
   for (int64_t c = 0; c < p.classes; ++c) {
-    const Acc s = to_float(s_ptr[c * ss]) * inv_tau, t = to_float(t_ptr[c * ts]) * inv_tau;
-    if (s > ms) { zs = zs * stable_exp(ms - s) + 1; ms = s; } else { zs += stable_exp(s - ms); }
-    if (t > mt) { zt = zt * stable_exp(mt - t) + 1; mt = t; } else { zt += stable_exp(t - mt); }
+    const Acc s = to_float(s_ptr[c * ss]), t = to_float(t_ptr[c * ts]);
+    if (s > ms) { zs = zs * stable_exp((ms - s) * inv_tau) + 1; ms = s; } else { zs += stable_exp((s - ms) * inv_tau); }
+    if (t > mt) { zt = zt * stable_exp((mt - t) * inv_tau) + 1; mt = t; } else { zt += stable_exp((t - mt) * inv_tau); }
   }
   const Acc rzs = Acc(1) / zs, rzt = Acc(1) / zt;
   const Acc g = valid ? static_cast<Acc>(*p.scale) * inv_tau : Acc(0);
@@ -54,7 +57,7 @@ __global__ void pixelwise_kernel(PixelwiseProblem p) {
   // Pass 2: loss term and the student's gradient.
   Acc e = 0;
   for (int64_t c = 0; c < p.classes; ++c) {
-    const Acc xs = to_float(s_ptr[c * ss]) * inv_tau - ms, xt = to_float(t_ptr[c * ts]) * inv_tau - mt;
+    const Acc xs = (to_float(s_ptr[c * ss]) - ms) * inv_tau, xt = (to_float(t_ptr[c * ts]) - mt) * inv_tau;
     const Acc es = stable_exp(xs), et = stable_exp(xt);
     e += et * class_term<Acc, kKL>(xs, xt);
     if (p.grad_student) {
@@ -71,7 +74,7 @@ __global__ void pixelwise_kernel(PixelwiseProblem p) {
   // Pass 3: the teacher's gradient q_t,c (l_c - e), only when asked.
   if (p.grad_teacher) {
     for (int64_t c = 0; c < p.classes; ++c) {
-      const Acc xs = to_float(s_ptr[c * ss]) * inv_tau - ms, xt = to_float(t_ptr[c * ts]) * inv_tau - mt;
+      const Acc xs = (to_float(s_ptr[c * ss]) - ms) * inv_tau, xt = (to_float(t_ptr[c * ts]) - mt) * inv_tau;
       Scalar* out = static_cast<Scalar*>(p.grad_teacher) + b * p.grad_teacher_strides[0] + c * p.grad_teacher_strides[1] +
                     h * p.grad_teacher_strides[2] + w * p.grad_teacher_strides[3];
       store(out, g * stable_exp(xt) * rzt * (class_term<Acc, kKL>(xs, xt) - e));

@@ -114,9 +114,8 @@ def pairwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, scale
         raise ValueError(f"pooling='none' needs 1x1 nodes, but the node window is {(kernel_h, kernel_w)}")
     name = resolve_backend(student.device.type, backend)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = pairwise_distill(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm,
-                                  grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad,
-                                  name)
+    loss, _, _ = _call(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm,
+                       grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad, name)
     return loss
 
 
@@ -424,8 +423,11 @@ def _device_kernel(device_type: str, backends: tuple):
     return kernel
 
 
-pairwise_distill.register_kernel("cpu")(_device_kernel("cpu", ("torch", "cpu", "triton")))  # triton: interpreter
-pairwise_distill.register_kernel("cuda")(_device_kernel("cuda", ("torch", "cuda", "triton")))
+# triton on CPU tensors: the interpreter
+_KERNELS = {"cpu": _device_kernel("cpu", ("torch", "cpu", "triton")),
+            "cuda": _device_kernel("cuda", ("torch", "cuda", "triton"))}
+for _device, _kernel in _KERNELS.items():
+    pairwise_distill.register_kernel(_device)(_kernel)
 
 
 @pairwise_distill.register_fake
@@ -440,4 +442,4 @@ def _reference(student, teacher, kernel_h, kernel_w, pooling, normalization, alg
                                       normalization=normalization)
 
 
-register_fused_gradient_autograd(pairwise_distill, _reference)
+_call = register_fused_gradient_autograd(pairwise_distill, _reference, _KERNELS)

@@ -76,9 +76,8 @@ def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
         return pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
                                            tau_squared=tau_squared, ignore_index=ignore_index)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = pixelwise_distill(student, teacher, labels, int(ignore_index), tau, form, bool(tau_squared),
-                                   grad_enabled and student.requires_grad,
-                                   grad_enabled and teacher.requires_grad, name)
+    loss, _, _ = _call(student, teacher, labels, int(ignore_index), tau, form, bool(tau_squared),
+                       grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad, name)
     return loss
 
 
@@ -140,8 +139,10 @@ def _device_kernel(device_type: str, backends: tuple):
     return kernel
 
 
-pixelwise_distill.register_kernel("cpu")(_device_kernel("cpu", ("cpu", "triton")))  # triton: interpreter
-pixelwise_distill.register_kernel("cuda")(_device_kernel("cuda", ("cuda", "triton")))
+# triton on CPU tensors: the interpreter
+_KERNELS = {"cpu": _device_kernel("cpu", ("cpu", "triton")), "cuda": _device_kernel("cuda", ("cuda", "triton"))}
+for _device, _kernel in _KERNELS.items():
+    pixelwise_distill.register_kernel(_device)(_kernel)
 
 
 @pixelwise_distill.register_fake
@@ -154,4 +155,4 @@ def _reference(student, teacher, labels, ignore_index, tau, form, tau_squared):
                                        ignore_index=ignore_index)
 
 
-register_fused_gradient_autograd(pixelwise_distill, _reference)
+_call = register_fused_gradient_autograd(pixelwise_distill, _reference, _KERNELS)

@@ -45,11 +45,12 @@ def _pixelwise_kernel(
     if INV_TAU_IN_MEMORY:  # float64 input: a scalar argument would round 1/tau to float32
         inv_tau = tl.load(inv_tau)
     # Padded classes get -inf: weight 0 in both softmaxes. Padded pixels keep finite zeros (no NaN).
-    s = tl.where(k_mask[:, None], s.to(acc) * inv_tau, float("-inf"))
-    t = tl.where(k_mask[:, None], t.to(acc) * inv_tau, float("-inf"))
-
-    xs = s - tl.max(s, axis=0)[None, :]
-    xt = t - tl.max(t, axis=0)[None, :]
+    s = tl.where(k_mask[:, None], s.to(acc), float("-inf"))
+    t = tl.where(k_mask[:, None], t.to(acc), float("-inf"))
+    # Scaled after subtracting the raw max: the GPU compiler contracts x * inv_tau - max into one FMA,
+    # whose unrounded product would leave the max class a rounding error instead of exactly 0.
+    xs = (s - tl.max(s, axis=0)[None, :]) * inv_tau
+    xt = (t - tl.max(t, axis=0)[None, :]) * inv_tau
     es = tl.exp(xs)
     et = tl.exp(xt)
     zs = tl.sum(es, axis=0)
