@@ -51,14 +51,22 @@ def _constant_to_torch_compile(fn):
     return fn
 
 
+# `auto` on a GPU: the first of these that is there. Triton by default; an op whose CUDA kernels
+# measured faster passes ("cuda", "triton").
+GPU_PREFERENCE = ("triton", "cuda")
+
+
 @_constant_to_torch_compile
-def resolve_backend(device_type: str, requested: str | None = None) -> str:
+def resolve_backend(device_type: str, requested: str | None = None, gpu_preference: tuple = GPU_PREFERENCE) -> str:
     """The backend that will run an op on `device_type` tensors, or a ValueError saying why none can.
 
     A compiled backend (`cpu`, `cuda`) is built here at first use; if that fails the loader has
-    warned once, naming the cause, and the answer is `torch`. Constant to torch.compile.
+    warned once, naming the cause, and the answer is `torch` (or, for `auto` on a GPU, the next of
+    `gpu_preference`). Constant to torch.compile.
     """
     name = _requested_backend(device_type, requested)
+    if name == "auto-gpu":
+        return _first_gpu_backend(gpu_preference)
     if name in ("cpu", "cuda"):
         from ._extension import load_extension
 
@@ -67,13 +75,25 @@ def resolve_backend(device_type: str, requested: str | None = None) -> str:
     return name
 
 
+def _first_gpu_backend(preference: tuple) -> str:
+    from ._extension import _missing_tool, load_extension
+
+    for name in preference:
+        if name == "triton" and triton_available():
+            return name
+        # Without the tools there is nothing to build: skip silently; a failed build warns.
+        if name == "cuda" and _missing_tool("cuda") is None and load_extension("cuda") is not None:
+            return name
+    return "torch"
+
+
 def _requested_backend(device_type: str, requested: str | None) -> str:
     source = "backend="
     if requested is None:
         requested, source = os.environ.get("SKD_BACKEND") or "auto", "SKD_BACKEND="
     if requested == "auto":
         if device_type == "cuda":
-            return "triton" if triton_available() else "cuda"
+            return "auto-gpu"
         return "cpu" if device_type == "cpu" else "torch"
     if requested not in BACKENDS:
         raise ValueError(f"{source}{requested!r} is not a backend; choose from auto, {', '.join(BACKENDS)}")

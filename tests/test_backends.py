@@ -19,6 +19,21 @@ def test_environment_variable_chooses_and_the_argument_overrides_it(monkeypatch)
     assert resolve_backend("cpu", "cpu") == "cpu"
 
 
+@pytest.mark.parametrize("cuda_builds", [True, False], ids=["cuda_builds", "no_nvcc"])
+@pytest.mark.parametrize("has_triton", [True, False], ids=["triton", "no_triton"])
+def test_auto_on_a_gpu_takes_the_first_preferred_backend_that_is_there(cuda_builds, has_triton, monkeypatch):
+    from skd_kernels import backends
+
+    monkeypatch.delenv("SKD_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "triton_available", lambda: has_triton)
+    monkeypatch.setattr(_extension, "_missing_tool", lambda kind: None if cuda_builds else "nvcc was not found")
+    monkeypatch.setattr(_extension, "load_extension", lambda kind: object() if cuda_builds else None)
+    fallback = "triton" if has_triton else "torch"
+    assert resolve_backend("cuda", "auto", ("cuda", "triton")) == ("cuda" if cuda_builds else fallback)
+    assert resolve_backend("cuda", "auto", ("triton", "cuda")) == ("triton" if has_triton else
+                                                                   "cuda" if cuda_builds else "torch")
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_backend_on_cpu_tensors_is_a_clear_error(backend, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -47,6 +47,8 @@ _NORM_CODE = {"official": 0, "paper": 1}
 _CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 30}
 _TILE_BYTES = 1 << 25
 
+# `auto` on a GPU: the CUDA kernels measured faster than the Triton ones (bench/results/*_cuda.csv, H100).
+_GPU_PREFERENCE = ("cuda", "triton")
 
 def node_kernel(student: torch.Tensor, teacher: torch.Tensor, scale, node_size) -> tuple[int, int]:
     """The pooling window (= stride): from `scale` as the official module, from `node_size`, or 1x1."""
@@ -112,7 +114,7 @@ def pairwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, scale
         pooling = "none"  # a 1x1 window pools nothing
     elif pooling == "none":
         raise ValueError(f"pooling='none' needs 1x1 nodes, but the node window is {(kernel_h, kernel_w)}")
-    name = resolve_backend(student.device.type, backend)
+    name = resolve_backend(student.device.type, backend, gpu_preference=_GPU_PREFERENCE)
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = _call(student, teacher, kernel_h, kernel_w, pooling, normalization, algorithm,
                        grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad, name)
@@ -263,6 +265,8 @@ def _lowrank_error_estimate(sumsq_s, sumsq_t, squares, nodes: int, unit_roundoff
 def _tiled(us, ut, want_s, want_t):
     m = us.shape[-1]
     rows = max(1, min(m, _TILE_BYTES // (8 * m * us.shape[0])))
+    if rows == m:
+        return _one_tile(us, ut, want_s, want_t)
     loss = us.new_zeros(())
     dus = torch.empty_like(us) if want_s else None
     dut = torch.empty_like(ut) if want_t else None
@@ -277,6 +281,18 @@ def _tiled(us, ut, want_s, want_t):
         if want_t:
             dut[:, :, block] = torch.bmm(ut, diff.transpose(1, 2)).mul_(-4)
     return loss, NodeGrad(dus) if want_s else None, NodeGrad(dut) if want_t else None
+
+
+def _one_tile(us, ut, want_s, want_t):
+    """`_tiled` when D = A^s - A^t fits one tile (few nodes, as the official 3x3): the fewest
+    launches, which is what a loss this small costs on a GPU. D is symmetric, so D U^T needs no
+    transpose."""
+    diff = torch.baddbmm(torch.bmm(us.transpose(1, 2), us), ut.transpose(1, 2), ut, alpha=-1)
+    flat = diff.view(-1)
+    loss = torch.dot(flat, flat)
+    dus = NodeGrad(torch.baddbmm(us, us, diff, beta=0, alpha=4)) if want_s else None
+    dut = NodeGrad(torch.baddbmm(ut, ut, diff, beta=0, alpha=-4)) if want_t else None
+    return loss, dus, dut
 
 
 # --- the node passes, per backend -----------------------------------------------------------------
@@ -379,7 +395,7 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
         algorithm = choose_algorithm(m, student.shape[1], teacher.shape[1], want_t)
     gs = torch.empty_like(student) if want_s else None
     gt = torch.empty_like(teacher) if want_t else None
-    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    total = None
     for part in _chunks(student, teacher, m):
         ns = _Nodes(student[part], kernel, pooling, normalization, backend, need_grad=want_s)
         nt = _Nodes(teacher[part], kernel, pooling, normalization, backend, need_grad=want_t)
@@ -390,14 +406,14 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
         loss, grad_s, grad_t = similarity_core(
             ns.u, nt.u, algorithm, want_s, want_t,
             try_float32=student.device.type == "cpu" and student.dtype != torch.float64, centre=centre)
-        total += loss
+        total = loss if total is None else total + loss
         # The core's gradients are of the unscaled sum; the loss divides it by M^2 and B.
         if want_s:
             ns.backward(grad_s, 1.0 / (m * m * b), gs[part])
         if want_t:
             nt.backward(grad_t, 1.0 / (m * m * b), gt[part])
         del ns, nt, grad_s, grad_t
-    loss = (total / (m * m * b)).to(loss_dtype(student))
+    loss = total.mul(1.0 / (m * m * b)).to(loss_dtype(student))
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
 

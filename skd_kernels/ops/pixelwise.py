@@ -20,6 +20,8 @@ from ._fused_gradient import fake_outputs, loss_dtype, register_fused_gradient_a
 
 _KL_FORMS = ("kl", "cvpr")  # forms whose per-pixel loss is a KL divergence; `official` is soft CE
 
+# `auto` on a GPU: the CUDA kernels measured faster than the Triton ones (bench/results/*_cuda.csv, H100).
+_GPU_PREFERENCE = ("cuda", "triton")
 
 def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student):
     check.check_float_tensor("student", student, 4, "(B, K, H, W)")
@@ -71,7 +73,7 @@ def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
         The loss, a 0-d float32 tensor (float64 for float64 logits). With every pixel ignored it is 0.
     """
     student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student)
-    name = resolve_backend(student.device.type, backend)
+    name = resolve_backend(student.device.type, backend, gpu_preference=_GPU_PREFERENCE)
     if name == "torch":
         return pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
                                            tau_squared=tau_squared, ignore_index=ignore_index)

@@ -27,7 +27,7 @@ _BLOCK_N = 64
 LARGE_WINDOW = 8
 _WINDOW_BLOCK_C = 16
 _WINDOW_BLOCK_W = 32
-_NO_INDEX = 2**31 - 1
+_NO_INDEX = tl.constexpr(2**31 - 1)  # a global a kernel reads must be a constexpr
 
 
 @triton.jit
