@@ -16,7 +16,7 @@ export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TORCH_EXTENSIONS_DIR=/tmp/skd_ext
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
 
-STAGES=${STAGES:-build tests bench_pairwise bench_pixelwise bench_holistic bench_attention train}
+STAGES=${STAGES:-build tests bench_pairwise profile_pairwise bench_pixelwise bench_holistic bench_attention train}
 
 # stage NAME SECONDS LOG COMMAND...: run with min(SECONDS, what is left of the budget), if in STAGES.
 stage() {
@@ -54,6 +54,7 @@ stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -n 8 --t
     -k "cuda or triton" "${GPU_TESTS[@]}"
 
 stage bench_pairwise 90 "$OUT/bench.log" "$PY" bench/bench_pairwise.py --csv "$OUT/pairwise_cuda.csv"
+stage profile_pairwise 40 "$OUT/bench.log" "$PY" bench/profile_pairwise.py --steps 20 --rows 12
 stage bench_pixelwise 40 "$OUT/bench.log" "$PY" bench/bench_pixelwise.py --quick --csv "$OUT/pixelwise_cuda.csv"
 stage bench_holistic 50 "$OUT/bench.log" "$PY" bench/bench_holistic.py --quick --csv "$OUT/holistic_cuda.csv"
 stage bench_attention 40 "$OUT/bench.log" "$PY" bench/bench_attention.py --quick --csv "$OUT/attention_cuda.csv"
