@@ -168,9 +168,18 @@ FEATURE_FAMILIES = {
 }
 
 
+ONEDNN_HERE = ops._onednn_float32(torch.ones(1))
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "bmm"])
 @pytest.mark.parametrize("family", FEATURE_FAMILIES)
-def test_float32_core_is_kept_only_within_its_error_bound(family):
-    """The adaptive float32 low-rank core: whatever it returns is within FLOAT32_LOSS_RTOL of float64."""
+def test_float32_core_is_kept_only_within_its_error_bound(family, gemm, monkeypatch):
+    """The adaptive float32 low-rank core: whatever it returns is within FLOAT32_LOSS_RTOL of float64,
+    with its float32 products on oneDNN (CPU) or on bmm (every other device)."""
+    if gemm == "bmm":
+        monkeypatch.setattr(ops, "_onednn_float32", lambda x: False)
+    elif not ONEDNN_HERE:
+        pytest.skip("oneDNN float32 matmul not available")
     g = torch.Generator().manual_seed(7)
     s, t = FEATURE_FAMILIES[family](torch.randn(2, 48, 900, generator=g), torch.randn(2, 48, 900, generator=g))
     us = torch.nn.functional.normalize(s.double(), dim=1)
@@ -183,6 +192,20 @@ def test_float32_core_is_kept_only_within_its_error_bound(family):
     assert (dus32 - dus).abs().max() <= 1e-4 * dus.abs().max()
     assert abs(float(tiled) - float(exact)) <= 1e-10 * float(exact)  # float64 cancellation: ~1e-16 sum G^2
     assert (dus_tiled - dus).abs().max() <= 1e-10 * dus.abs().max()
+
+
+@pytest.mark.skipif(not ONEDNN_HERE, reason="oneDNN float32 matmul not available")
+def test_onednn_products_only_at_full_float32_precision():
+    """With float32 matmuls allowed to round through bf16, the core keeps to bmm: its error estimate
+    assumes float32 products."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not ops._onednn_float32(torch.ones(1))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert ops._onednn_float32(torch.ones(1))
+    assert not ops._onednn_float32(torch.ones(1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

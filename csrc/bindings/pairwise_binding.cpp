@@ -121,13 +121,19 @@ void pairwise_centre(const at::Tensor& nodes, at::Tensor& residual, at::Tensor& 
   check_buffer(nodes, at::kDouble, b * c * m, "nodes");
   TORCH_CHECK(residual.scalar_type() == at::kFloat || residual.scalar_type() == at::kDouble,
               "skd_kernels: residual must be float32 or float64");
-  check_buffer(residual, residual.scalar_type(), b * c * m, "residual");
+  // The residual may be one half of the core's stacked buffer: rows contiguous, images strided.
+  TORCH_CHECK(residual.dim() == 3 && residual.size(0) == b && residual.size(1) == c && residual.size(2) == m &&
+                  (m == 1 || residual.stride(2) == 1) && (c == 1 || residual.stride(1) == m) &&
+                  (b == 1 || residual.stride(0) >= c * m),
+              "skd_kernels: residual must be (B, C, M) with contiguous rows, got sizes ", residual.sizes(),
+              " strides ", residual.strides());
   check_buffer(mean, at::kDouble, b * c, "mean");
   check_buffer(q, at::kDouble, b * m, "q");
   check_buffer(sumsq, at::kDouble, b * c, "sumsq");
   for (const at::Tensor* t : {&residual, &mean, &q, &sumsq}) TORCH_CHECK(t->is_cpu(), "skd_kernels: CPU buffers only");
   skd::PairwiseCentreProblem p{b, c, m, nodes.data_ptr<double>(), residual.data_ptr(), skd::dtype_of(residual),
-                               mean.data_ptr<double>(), q.data_ptr<double>(), sumsq.data_ptr<double>()};
+                               mean.data_ptr<double>(), q.data_ptr<double>(), sumsq.data_ptr<double>(),
+                               b == 1 ? c * m : residual.stride(0)};
   skd::cpu::pairwise_centre(p);
 }
 

@@ -43,12 +43,15 @@ struct PairwiseNodesProblem {
 };
 
 // Centring of the nodes for the low-rank core (CPU): c = mean over nodes (B, C); r = u - c written
-// as float32 or float64 (B, C, M); q[b, m] = sum_c r c; sumsq[b, c] = sum_m r^2.
+// as float32 or float64 (B, C, M); q[b, m] = sum_c r c; sumsq[b, c] = sum_m r^2. The residual's
+// images lie residual_batch_stride elements apart (>= C M: the core stacks the student's and the
+// teacher's residuals, image by image, in one buffer); its rows are contiguous.
 struct PairwiseCentreProblem {
   int64_t batch, channels, nodes;
   const double* nodes_in;
   void* residual; DType residual_dtype;
   double* mean; double* q; double* sumsq;
+  int64_t residual_batch_stride;
 };
 
 }  // namespace skd

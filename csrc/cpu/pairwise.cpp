@@ -205,7 +205,7 @@ void centre(const PairwiseCentreProblem& p) {
     for (int64_t c = 0; c < C; ++c) {
       const double mean = p.mean[b * C + c];
       const double* u = p.nodes_in + (b * C + c) * M + k0;
-      Residual* r = static_cast<Residual*>(p.residual) + (b * C + c) * M + k0;
+      Residual* r = static_cast<Residual*>(p.residual) + b * p.residual_batch_stride + c * M + k0;
       double sumsq = 0.0;
       for (int64_t k = 0; k < n; ++k) {
         const double v = u[k] - mean;

@@ -155,11 +155,13 @@ class Centred(NamedTuple):
     sumsq: torch.Tensor
 
 
-def centre_nodes(u: torch.Tensor, dtype: torch.dtype) -> Centred:
-    """Stock-PyTorch centring (the CPU backend fuses it: csrc/cpu/pairwise.cpp `pairwise_centre`)."""
+def centre_nodes(u: torch.Tensor, out: torch.Tensor) -> Centred:
+    """Stock-PyTorch centring into `out` (B, C, M), whose dtype is the core's (the CPU backend fuses
+    it: csrc/cpu/pairwise.cpp `pairwise_centre`)."""
     mean = u.mean(2)
     r = u - mean[..., None]
-    return Centred(r.to(dtype), mean, torch.einsum("bcm,bc->bm", r, mean), r.square().sum(2))
+    out.copy_(r)
+    return Centred(out, mean, torch.einsum("bcm,bc->bm", r, mean), r.square().sum(2))
 
 
 def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: bool, want_t: bool,
@@ -168,8 +170,8 @@ def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: 
 
     us (B, Cs, M), ut (B, Ct, M): float64 nodes, one column per node. Returns (loss, NodeGrad or
     None for Us, for Ut), the loss a 0-d float64 tensor. `try_float32`: run the low-rank products
-    in float32 first and keep them when their estimated rounding error is small. `centre(u, dtype)`
-    gives the `Centred` nodes.
+    in float32 first and keep them when their estimated rounding error is small. `centre(u, out)`
+    writes the residuals into `out` and gives the `Centred` nodes.
     """
     if algorithm == "lowrank":
         result = _lowrank(us, ut, want_s, want_t, try_float32, centre)
@@ -196,32 +198,38 @@ def _lowrank(us, ut, want_s, want_t, try_float32, centre):
     F = Rs Rs^T - Rt Rt^T, and <E, F> = 0 because R^T 1 = 0: sum D^2 = ||E||^2 + ||F||^2. ||E||^2 and
     its gradient are O(M C) float64 vector work; only ||F||^2 needs the Gram matrices, now of the
     residuals: post-ReLU features share a large mean direction, which no longer cancels.
+    The residuals are stacked, R = [Rs; Rt] (B, Cs + Ct, M), so that one Gram G = R R^T holds Gss,
+    Gst and Gtt, and each gradient is one product with R.
     """
-    m = us.shape[-1]
+    b, cs, m = us.shape
     for dtype, rtol in ((torch.float32, FLOAT32_LOSS_RTOL), (torch.float64, FLOAT64_LOSS_RTOL)):
         if dtype == torch.float32 and not try_float32:
             continue
-        s, t = centre(us, dtype), centre(ut, dtype)
+        stacked = torch.empty((b, cs + ut.shape[1], m), dtype=dtype, device=us.device)
+        s, t = centre(us, stacked[:, :cs]), centre(ut, stacked[:, cs:])
         alpha = s.mean.square().sum(1) - t.mean.square().sum(1)  # (B,)
         q = s.q - t.q  # (B, M)
         q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
         loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum
                   + 2 * q_sum.square()).sum()
-        loss_f, grams, squares = _residual_grams(s.residual, t.residual)
-        estimate = _lowrank_error_estimate(s.sumsq, t.sumsq, squares, nodes=m, unit_roundoff=torch.finfo(dtype).eps / 2)
+        gram = _stacked_gram(stacked, cs)
+        sign = torch.ones(cs + ut.shape[1], dtype=torch.float64, device=us.device)
+        sign[cs:] = -1
+        loss_f, estimate = _residual_gram_loss(gram, sign, s.sumsq, t.sumsq, m, unit_roundoff=torch.finfo(dtype).eps / 2)
         loss = loss_e + loss_f
         if not bool(estimate <= rtol * loss):  # NaN fails too
             continue
-        gss, gst, gtt = grams
         # 4 D U = 4 (F U + E U); F Us = Rs Gss - Rt Gts in node-row layout (Rs^T Us = Rs^T Rs since
-        # Rs^T 1 = 0), and E Us = 1 (alpha M c + (1.q) c + Rs^T q)^T + M q c^T.
+        # Rs^T 1 = 0), i.e. [Gss, -Gst] R in columns; E Us = 1 (alpha M c + (1.q) c + Rs^T q)^T + M q c^T.
+        # d/dUt = -4 D Ut = -4 [Gts, -Gtt] R.
+        signed = gram.mul_((4 * sign).to(dtype))  # 4 [G_s., -G_.t], in place: G is not needed any more
         grad_s = grad_t = None
         if want_s:
-            residual = torch.baddbmm(torch.bmm(gss, s.residual), gst, t.residual, alpha=-4, beta=4)
+            residual = _times_stacked(signed[:, :cs], stacked)
             bias = 4 * ((alpha * m + q_sum)[:, None] * s.mean + _times(s.residual, q))
             grad_s = NodeGrad(residual, bias, 4 * m * s.mean, q)
-        if want_t:  # d/dUt = -4 D Ut
-            residual = torch.baddbmm(torch.bmm(gtt, t.residual), gst.transpose(1, 2), s.residual, alpha=-4, beta=4)
+        if want_t:
+            residual = _times_stacked(signed[:, cs:].neg(), stacked)
             bias = -4 * ((alpha * m + q_sum)[:, None] * t.mean + _times(t.residual, q))
             grad_t = NodeGrad(residual, bias, -4 * m * t.mean, q)
         return loss, grad_s, grad_t
@@ -233,32 +241,75 @@ def _times(residual, q):
     return torch.bmm(residual, q.to(residual.dtype)[..., None])[..., 0].double()
 
 
-def _residual_grams(rs, rt):
-    """The residual Gram matrices, their squares, and ||F||^2 = sum Gss^2 + sum Gtt^2 - 2 sum Gst^2
-    (summed in float64)."""
-    grams = (torch.bmm(rs, rs.transpose(1, 2)), torch.bmm(rs, rt.transpose(1, 2)), torch.bmm(rt, rt.transpose(1, 2)))
-    squares = [g.square() for g in grams]
-    sums = [sq.sum(dtype=torch.float64) for sq in squares]
-    return sums[0] + sums[2] - 2 * sums[1], grams, squares
+# --- the core's GEMMs: oneDNN for float32 on CPU ---------------------------------------------------
+# PyTorch's CPU bmm calls MKL, whose float32 GEMM runs AVX2 kernels on AMD processors; oneDNN's
+# (the matmul behind torch.ops.mkldnn._linear_pointwise, x @ w^T) picks AVX-512 by the CPU's
+# features: 2 to 2.5x faster at the core's shapes (C x C x M and C x M x 2C). Same float32
+# arithmetic, so the error estimate holds; only while float32 matmuls are set to full precision.
+
+def _onednn_float32(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision in ("none", "ieee")
+    return torch.get_float32_matmul_precision() == "highest"
 
 
-def _lowrank_error_estimate(sumsq_s, sumsq_t, squares, nodes: int, unit_roundoff: float) -> torch.Tensor:
-    """Statistical estimate of the low-rank loss's rounding error.
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T on oneDNN: x (N, K), w (O, K) with unit stride along K."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
-    A Gram entry G_ab = sum over M nodes carries an error of about unit_roundoff sqrt(M) n_a n_b
-    (n_a^2: the per-channel sums of squares over the nodes, (B, C); rounding errors of a blocked sum
-    add like a random walk, and the rounding of the inputs adds as much again). The loss
-    sum_ab G_ab^2 (with signs) then errs by about 2 sqrt(sum_ab G_ab^2 dG_ab^2), counting Gst twice.
+
+def _stacked_gram(r: torch.Tensor, cs: int) -> torch.Tensor:
+    """G = R R^T per image, (B, K, K), for the stacked residuals R (B, K, M)."""
+    if _onednn_float32(r):  # the whole K x K in one call: faster than its blocks (oneDNN packs R once)
+        return torch.stack([_linear(x, x) for x in r]) if r.shape[0] > 1 else _linear(r[0], r[0])[None]
+    rs, rt = r[:, :cs], r[:, cs:]
+    gram = torch.empty((r.shape[0], r.shape[1], r.shape[1]), dtype=r.dtype, device=r.device)
+    gram[:, :cs, :cs] = torch.bmm(rs, rs.transpose(1, 2))
+    gram[:, :cs, cs:] = torch.bmm(rs, rt.transpose(1, 2))
+    gram[:, cs:, :cs] = gram[:, :cs, cs:].transpose(1, 2)
+    gram[:, cs:, cs:] = torch.bmm(rt, rt.transpose(1, 2))
+    return gram
+
+
+def _times_stacked(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A R per image: a (B, C, K), r (B, K, M) -> (B, C, M)."""
+    if _onednn_float32(r):
+        if r.shape[0] == 1:
+            return _linear(a[0], r[0].t())[None]
+        return torch.stack([_linear(x, y.t()) for x, y in zip(a, r)])
+    return torch.bmm(a, r)
+
+
+def _residual_gram_loss(gram, sign, sumsq_s, sumsq_t, nodes: int, unit_roundoff: float):
+    """||F||^2 = sum Gss^2 + sum Gtt^2 - 2 sum Gst^2 = sign^T (G o G) sign summed over the images, and
+    a statistical estimate of its rounding error; both float64 0-d tensors.
+
+    gram (B, K, K): the stacked Gram in the core's dtype; sign (K,) float64: +1 on the student's
+    rows, -1 on the teacher's; sumsq_s (B, Cs), sumsq_t (B, Ct): the residuals' per-channel sums of
+    squares over the M nodes. The squares are formed and summed in float64: the loss is their small
+    difference.
+
+    Error estimate: a Gram entry G_ab = sum over M nodes carries an error of about
+    unit_roundoff sqrt(M) n_a n_b (n_a^2 = sumsq; rounding errors of a blocked sum add like a random
+    walk, and the rounding of the inputs adds as much again). The loss sum_ab G_ab^2 (with signs) then
+    errs by about 2 sqrt(sum_ab G_ab^2 dG_ab^2), counting Gst twice:
+    4 unit_roundoff sqrt(M) sqrt(n^T (G o G) n + 2 ns^T (Gst o Gst) nt), n = [ns; nt].
     Checked against float64 on independent, correlated, post-ReLU and near-identical features (tests).
     """
-    sq_ss, sq_st, sq_tt = squares
-
-    def bilinear(left, square, right):  # sum_b left_b^T square_b right_b
-        dtype = square.dtype
-        return torch.bmm(torch.bmm(left.to(dtype)[:, None, :], square), right.to(dtype)[:, :, None]).sum(dtype=torch.float64)
-
-    weighted = bilinear(sumsq_s, sq_ss, sumsq_s) + bilinear(sumsq_t, sq_tt, sumsq_t) + 4 * bilinear(sumsq_s, sq_st, sumsq_t)
-    return 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
+    cs = sumsq_s.shape[1]
+    square = gram.to(torch.float64, copy=True).square_()  # (B, K, K); G itself is needed after
+    n = torch.cat([sumsq_s, sumsq_t], 1)  # (B, K)
+    n_t = torch.cat([torch.zeros_like(sumsq_s), sumsq_t], 1)
+    products = torch.bmm(square, torch.stack([sign.expand_as(n), n, n_t], 2))  # (B, K, 3): G^2 [sign, n, n_t]
+    loss = (products[..., 0] * sign).sum()
+    weighted = (products[..., 1] * n).sum() + 2 * (products[:, :cs, 2] * sumsq_s).sum()
+    return loss, 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
 
 
 def _tiled(us, ut, want_s, want_t):
@@ -308,15 +359,16 @@ class _Nodes:
         else:
             _node_pass(self.backend, "backward", self, *grad_u, scale, grad)
 
-    def centre(self, dtype: torch.dtype) -> Centred:
-        """The centred nodes for the low-rank core; fused on the CPU backend."""
+    def centre(self, out: torch.Tensor) -> Centred:
+        """The centred nodes for the low-rank core, residuals written into `out` (B, C, M); fused on
+        the CPU backend."""
         if self.backend != "cpu":
-            return centre_nodes(self.u, dtype)
-        b, c, m = self.u.shape
-        out = Centred(torch.empty((b, c, m), dtype=dtype), torch.empty((b, c), dtype=torch.float64),
-                      torch.empty((b, m), dtype=torch.float64), torch.empty((b, c), dtype=torch.float64))
-        load_extension("cpu").pairwise_centre(self.u, *out)
-        return out
+            return centre_nodes(self.u, out)
+        b, c, _ = self.u.shape
+        result = Centred(out, torch.empty((b, c), dtype=torch.float64), torch.empty((b, self.u.shape[2]), dtype=torch.float64),
+                         torch.empty((b, c), dtype=torch.float64))
+        load_extension("cpu").pairwise_centre(self.u, *result)
+        return result
 
     # The PyTorch fallback: the same two passes from stock ops. Custom-op kernels run below autograd,
     # so the pooling's backward is called directly.
@@ -385,8 +437,8 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
         ns = _Nodes(student[part], kernel, pooling, normalization, backend, need_grad=want_s)
         nt = _Nodes(teacher[part], kernel, pooling, normalization, backend, need_grad=want_t)
 
-        def centre(u, dtype):
-            return (ns if u is ns.u else nt).centre(dtype)
+        def centre(u, out):
+            return (ns if u is ns.u else nt).centre(out)
 
         loss, grad_s, grad_t = similarity_core(
             ns.u, nt.u, algorithm, want_s, want_t,
