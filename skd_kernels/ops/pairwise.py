@@ -164,17 +164,44 @@ def centre_nodes(u: torch.Tensor, out: torch.Tensor) -> Centred:
     return Centred(out, mean, torch.einsum("bcm,bc->bm", r, mean), r.square().sum(2))
 
 
+class CentredPair(NamedTuple):
+    """Both sides' nodes centred for the difference form (Cs == Ct): stacked [S; E] (B, 2C, M) in the
+    core's dtype, S = (rs + rt) / 2 and E = rs - rt each rounded once from float64; the means (B, C),
+    q = r . mean (B, M) of each side and the per-row sums of squares of [S; E] (B, 2C), in float64."""
+    stacked: torch.Tensor
+    mean_s: torch.Tensor
+    mean_t: torch.Tensor
+    q_s: torch.Tensor
+    q_t: torch.Tensor
+    sumsq: torch.Tensor
+
+
+def centre_pair_nodes(us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
+    """Stock-PyTorch centring for the difference form into `out` (B, 2C, M) (the CPU backend fuses
+    it: csrc/cpu/pairwise.cpp `pairwise_centre_pair`)."""
+    c = us.shape[1]
+    mean_s, mean_t = us.mean(2), ut.mean(2)
+    rs, rt = us - mean_s[..., None], ut - mean_t[..., None]
+    half_sum, difference = (rs + rt).mul_(0.5), rs - rt
+    out[:, :c].copy_(half_sum)
+    out[:, c:].copy_(difference)
+    sumsq = torch.cat([half_sum.square().sum(2), difference.square().sum(2)], 1)
+    return CentredPair(out, mean_s, mean_t, torch.einsum("bcm,bc->bm", rs, mean_s),
+                       torch.einsum("bcm,bc->bm", rt, mean_t), sumsq)
+
+
 def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: bool, want_t: bool,
-                    try_float32: bool = False, centre=centre_nodes):
+                    try_float32: bool = False, centre=centre_nodes, centre_pair=centre_pair_nodes):
     """sum_b ||Us_b^T Us_b - Ut_b^T Ut_b||_F^2 and its gradients with respect to Us, Ut.
 
     us (B, Cs, M), ut (B, Ct, M): float64 nodes, one column per node. Returns (loss, NodeGrad or
     None for Us, for Ut), the loss a 0-d float64 tensor. `try_float32`: run the low-rank products
     in float32 first and keep them when their estimated rounding error is small. `centre(u, out)`
-    writes the residuals into `out` and gives the `Centred` nodes.
+    writes the residuals into `out` and gives the `Centred` nodes; `centre_pair(us, ut, out)` the
+    difference form's (Cs == Ct) into `out` (B, 2C, M), giving the `CentredPair`.
     """
     if algorithm == "lowrank":
-        result = _lowrank(us, ut, want_s, want_t, try_float32, centre)
+        result = _lowrank(us, ut, want_s, want_t, try_float32, centre, centre_pair)
         if result is not None:
             return result
         # The low-rank form cancels beyond even float64 here (student within ~1e-5 of the teacher);
@@ -189,51 +216,115 @@ FLOAT32_LOSS_RTOL = 1e-5
 FLOAT64_LOSS_RTOL = 1e-10
 
 
-def _lowrank(us, ut, want_s, want_t, try_float32, centre):
-    """The low-rank form on centred nodes, or None when its float64 rounding error would exceed
-    FLOAT64_LOSS_RTOL.
+def _lowrank(us, ut, want_s, want_t, try_float32, centre, centre_pair):
+    """The low-rank form on centred nodes, or None when even its float64 rounding error would
+    exceed FLOAT64_LOSS_RTOL.
 
     With c the mean node and r_i = u_i - c (so sum_i r_i = 0), A = 1 1^T c.c + 1 p^T + p 1^T + R R^T,
     p = R c. The difference D = A^s - A^t splits into E (the first three terms, rank <= 3) and
     F = Rs Rs^T - Rt Rt^T, and <E, F> = 0 because R^T 1 = 0: sum D^2 = ||E||^2 + ||F||^2. ||E||^2 and
-    its gradient are O(M C) float64 vector work; only ||F||^2 needs the Gram matrices, now of the
+    its gradient are O(M C) float64 vector work; only ||F||^2 needs Gram matrices, now of the
     residuals: post-ReLU features share a large mean direction, which no longer cancels.
-    The residuals are stacked, R = [Rs; Rt] (B, Cs + Ct, M), so that one Gram G = R R^T holds Gss,
-    Gst and Gtt, and each gradient is one product with R.
+
+    ||F||^2 in two forms, each kept only when its estimated error is within the dtype's bound:
+    `_plain_form` (Grams of Rs and Rt), whose rounding error scales with ||R||^2 and so cancels
+    when the student is close to the teacher; and, for Cs == Ct, `_difference_form` (Grams of
+    (Rs + Rt) / 2 and Rs - Rt), whose error scales with ||Rs - Rt|| (the only one tried for
+    Cs == Ct: never much less exact than the plain form, and as fast). In float32 (try_float32),
+    then in float64.
     """
-    b, cs, m = us.shape
+    forms = _FORMS["difference" if us.shape[1] == ut.shape[1] else "plain"]
     for dtype, rtol in ((torch.float32, FLOAT32_LOSS_RTOL), (torch.float64, FLOAT64_LOSS_RTOL)):
         if dtype == torch.float32 and not try_float32:
             continue
-        stacked = torch.empty((b, cs + ut.shape[1], m), dtype=dtype, device=us.device)
-        s, t = centre(us, stacked[:, :cs]), centre(ut, stacked[:, cs:])
-        alpha = s.mean.square().sum(1) - t.mean.square().sum(1)  # (B,)
-        q = s.q - t.q  # (B, M)
-        q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
-        loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum
-                  + 2 * q_sum.square()).sum()
-        gram = _stacked_gram(stacked, cs)
-        sign = torch.ones(cs + ut.shape[1], dtype=torch.float64, device=us.device)
-        sign[cs:] = -1
-        loss_f, estimate = _residual_gram_loss(gram, sign, s.sumsq, t.sumsq, m, unit_roundoff=torch.finfo(dtype).eps / 2)
-        loss = loss_e + loss_f
-        if not bool(estimate <= rtol * loss):  # NaN fails too
-            continue
-        # 4 D U = 4 (F U + E U); F Us = Rs Gss - Rt Gts in node-row layout (Rs^T Us = Rs^T Rs since
-        # Rs^T 1 = 0), i.e. [Gss, -Gst] R in columns; E Us = 1 (alpha M c + (1.q) c + Rs^T q)^T + M q c^T.
-        # d/dUt = -4 D Ut = -4 [Gts, -Gtt] R.
-        signed = gram.mul_((4 * sign).to(dtype))  # 4 [G_s., -G_.t], in place: G is not needed any more
-        grad_s = grad_t = None
-        if want_s:
-            residual = _times_stacked(signed[:, :cs], stacked)
-            bias = 4 * ((alpha * m + q_sum)[:, None] * s.mean + _times(s.residual, q))
-            grad_s = NodeGrad(residual, bias, 4 * m * s.mean, q)
-        if want_t:
-            residual = _times_stacked(signed[:, cs:].neg(), stacked)
-            bias = -4 * ((alpha * m + q_sum)[:, None] * t.mean + _times(t.residual, q))
-            grad_t = NodeGrad(residual, bias, -4 * m * t.mean, q)
-        return loss, grad_s, grad_t
+        for form in forms:
+            result = form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair)
+            if result is not None:
+                return result
     return None
+
+
+class _MeanTerms(NamedTuple):
+    """||E||^2 and what its gradient needs (see `_lowrank`), float64: alpha = |cs|^2 - |ct|^2 (B,),
+    q = qs - qt (B, M) and its sum (B,)."""
+    loss: torch.Tensor
+    alpha: torch.Tensor
+    q: torch.Tensor
+    q_sum: torch.Tensor
+
+    @staticmethod
+    def of(mean_s, q_s, mean_t, q_t, m: int) -> "_MeanTerms":
+        alpha = mean_s.square().sum(1) - mean_t.square().sum(1)
+        q = q_s - q_t
+        q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
+        loss = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum + 2 * q_sum.square()).sum()
+        return _MeanTerms(loss, alpha, q, q_sum)
+
+    def grad(self, residual: torch.Tensor, sign: float, mean: torch.Tensor, r_times_q: torch.Tensor) -> NodeGrad:
+        """The node gradient, given F's part `residual` (B, C, M): sign 4 D U with E U =
+        1 (alpha M c + (1.q) c + R^T q)^T + M q c^T; c = `mean` (B, C), r_times_q = R^T q (B, C)."""
+        m = self.q.shape[1]
+        bias = 4 * sign * ((self.alpha * m + self.q_sum)[:, None] * mean + r_times_q)
+        return NodeGrad(residual, bias, 4 * sign * m * mean, self.q)
+
+
+def _plain_form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair):
+    """||F||^2 = ||Gss||^2 + ||Gtt||^2 - 2 ||Gst||^2 on the stacked residuals R = [Rs; Rt]
+    (B, Cs + Ct, M): one Gram G = R R^T holds Gss, Gst and Gtt, and each gradient is one product
+    with R. None when the estimated error exceeds rtol."""
+    b, cs, m = us.shape
+    stacked = torch.empty((b, cs + ut.shape[1], m), dtype=dtype, device=us.device)
+    s, t = centre(us, stacked[:, :cs]), centre(ut, stacked[:, cs:])
+    mean = _MeanTerms.of(s.mean, s.q, t.mean, t.q, m)
+    gram = _stacked_gram(stacked, cs)
+    sign = torch.ones(stacked.shape[1], dtype=torch.float64, device=us.device)
+    sign[cs:] = -1
+    loss_f, estimate = _plain_gram_loss(gram, sign, s.sumsq, t.sumsq, m, unit_roundoff=torch.finfo(dtype).eps / 2)
+    loss = mean.loss + loss_f
+    if not bool(estimate <= rtol * loss):  # NaN fails too
+        return None
+    # F Us = Rs Gss - Rt Gts in node-row layout (Rs^T Us = Rs^T Rs since Rs^T 1 = 0), i.e.
+    # [Gss, -Gst] R in columns; d/dUt = -4 D Ut: F Ut = -[Gts, -Gtt] R.
+    signed = gram.mul_((4 * sign).to(dtype))  # 4 [G_s., -G_.t], in place: G is not needed any more
+    grad_s = grad_t = None
+    if want_s:
+        grad_s = mean.grad(_times_stacked(signed[:, :cs], stacked), 1.0, s.mean, _times(s.residual, mean.q))
+    if want_t:
+        grad_t = mean.grad(_times_stacked(signed[:, cs:].neg(), stacked), -1.0, t.mean, _times(t.residual, mean.q))
+    return loss, grad_s, grad_t
+
+
+def _difference_form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair):
+    """||F||^2 for Cs == Ct from S = (Rs + Rt) / 2 and E = Rs - Rt, so that F = S^T E + E^T S (node
+    space) and ||F||^2 = 2 <S S^T, E E^T> + 2 <H, H^T>, H = E S^T: each term is of size
+    ||S||^2 ||E||^2, and so is its rounding error; nothing cancels however close the student is to
+    the teacher. Stacked Z = [S; E] (B, 2C, M), one Gram Z Z^T = [[S S^T, H^T], [H, E E^T]].
+    Gradients: F Rs = (Rs S^T) E + (Rs E^T) S with Rs S^T = S S^T + H / 2, Rs E^T = H^T + E E^T / 2;
+    for Rt the halves change sign. None when the estimated error exceeds rtol."""
+    b, c, m = us.shape
+    pair = centre_pair(us, ut, torch.empty((b, 2 * c, m), dtype=dtype, device=us.device))
+    z = pair.stacked
+    mean = _MeanTerms.of(pair.mean_s, pair.q_s, pair.mean_t, pair.q_t, m)
+    sumsq = pair.sumsq
+    gram = _stacked_gram(z, c)
+    loss_f, estimate = _difference_gram_loss(gram, sumsq[:, :c], sumsq[:, c:], m,
+                                             unit_roundoff=torch.finfo(dtype).eps / 2)
+    loss = mean.loss + loss_f
+    if not bool(estimate <= rtol * loss):
+        return None
+    # [Rs S^T, Rs E^T] = G[:C] + G[C:] / 2 = [S S^T + H / 2, H^T + E E^T / 2]; the gradient takes
+    # them against [E; S], i.e. the column halves swapped against Z = [S; E].
+    # Rs^T q = (S + E / 2)^T q, Rt^T q = (S - E / 2)^T q.
+    zq = _times(z, mean.q)
+    grads = []
+    for want, sign, centre_mean in ((want_s, 1.0, pair.mean_s), (want_t, -1.0, pair.mean_t)):
+        if not want:
+            grads.append(None)
+            continue
+        blocks = torch.add(gram[:, :c], gram[:, c:], alpha=0.5 * sign).mul_(4 * sign)
+        blocks = torch.cat([blocks[..., c:], blocks[..., :c]], 2)
+        grads.append(mean.grad(_times_stacked(blocks, z), sign, centre_mean, zq[:, :c] + 0.5 * sign * zq[:, c:]))
+    return loss, grads[0], grads[1]
 
 
 def _times(residual, q):
@@ -286,7 +377,7 @@ def _times_stacked(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, r)
 
 
-def _residual_gram_loss(gram, sign, sumsq_s, sumsq_t, nodes: int, unit_roundoff: float):
+def _plain_gram_loss(gram, sign, sumsq_s, sumsq_t, nodes: int, unit_roundoff: float):
     """||F||^2 = sum Gss^2 + sum Gtt^2 - 2 sum Gst^2 = sign^T (G o G) sign summed over the images, and
     a statistical estimate of its rounding error; both float64 0-d tensors.
 
@@ -310,6 +401,44 @@ def _residual_gram_loss(gram, sign, sumsq_s, sumsq_t, nodes: int, unit_roundoff:
     loss = (products[..., 0] * sign).sum()
     weighted = (products[..., 1] * n).sum() + 2 * (products[:, :cs, 2] * sumsq_s).sum()
     return loss, 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
+
+
+# Which forms the low-rank core tries, in order: the difference form is never much less exact than
+# the plain one (|S|, |E| <= |R|), so it alone serves Cs == Ct.
+_FORMS = {"plain": (_plain_form,), "difference": (_difference_form,)}
+
+
+def _centre_pair_cpu(us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
+    """`centre_pair_nodes` fused on the CPU backend."""
+    b, c, m = us.shape
+    f64 = dict(dtype=torch.float64)
+    pair = CentredPair(out, torch.empty((b, c), **f64), torch.empty((b, c), **f64), torch.empty((b, m), **f64),
+                       torch.empty((b, m), **f64), torch.empty((b, 2 * c), **f64))
+    load_extension("cpu").pairwise_centre_pair(us, ut, *pair)
+    return pair
+
+
+def _difference_gram_loss(gram, sumsq_s, sumsq_e, nodes: int, unit_roundoff: float):
+    """||F||^2 = 2 <S S^T, E E^T> + 2 <H, H^T> summed over the images, and a statistical estimate of
+    its rounding error; float64 0-d tensors. gram (B, 2C, 2C) = Z Z^T with Z = [S; E];
+    sumsq_s, sumsq_e (B, C): the per-channel sums of squares of S and E.
+
+    Error estimate as in `_plain_gram_loss`: entry errors u sqrt(M) n_a n_b (twice that for the
+    input rounding), weighted by d loss / d G: 2 E E^T on the S S^T block, 2 S S^T on E E^T, and
+    4 H^T on H (counting H and H^T as one): 4 u sqrt(M) sqrt(ns^T (Gee o Gee) ns + ne^T (Gss o Gss) ne
+    + 4 ne^T (H o H) ns).
+    """
+    c = sumsq_s.shape[1]
+    g = gram.to(torch.float64, copy=True)
+    gss, h_t, h, gee = g[:, :c, :c], g[:, :c, c:], g[:, c:, :c], g[:, c:, c:]
+    loss = 2 * (gss * gee).sum() + 2 * (h * h_t).sum()  # <H, H^T> = sum_ab H_ab H_ba
+    g.square_()
+
+    def bilinear(left, square, right):  # sum_b left_b^T square_b right_b
+        return torch.bmm(torch.bmm(left[:, None, :], square), right[:, :, None]).sum()
+
+    weighted = bilinear(sumsq_s, gee, sumsq_s) + bilinear(sumsq_e, gss, sumsq_e) + 4 * bilinear(sumsq_e, h, sumsq_s)
+    return loss, 4 * unit_roundoff * nodes**0.5 * weighted.clamp_min(0).sqrt()
 
 
 def _tiled(us, ut, want_s, want_t):
@@ -442,7 +571,8 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
 
         loss, grad_s, grad_t = similarity_core(
             ns.u, nt.u, algorithm, want_s, want_t,
-            try_float32=student.device.type == "cpu" and student.dtype != torch.float64, centre=centre)
+            try_float32=student.device.type == "cpu" and student.dtype != torch.float64, centre=centre,
+            centre_pair=_centre_pair_cpu if backend == "cpu" else centre_pair_nodes)
         total += loss
         # The core's gradients are of the unscaled sum; the loss divides it by M^2 and B.
         if want_s:
