@@ -176,10 +176,11 @@ class CentredPair(NamedTuple):
     sumsq: torch.Tensor
 
 
-def centre_pair_nodes(us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
-    """Stock-PyTorch centring for the difference form into `out` (B, 2C, M) (the CPU backend fuses
-    it: csrc/cpu/pairwise.cpp `pairwise_centre_pair`)."""
-    c = us.shape[1]
+def centre_pair_nodes(us: torch.Tensor, ut: torch.Tensor, dtype: torch.dtype) -> CentredPair:
+    """Stock-PyTorch centring for the difference form, [S; E] in `dtype` (the CPU backend fuses it:
+    csrc/cpu/pairwise.cpp `pairwise_centre_pair`)."""
+    b, c, m = us.shape
+    out = torch.empty((b, 2 * c, m), dtype=dtype, device=us.device)
     mean_s, mean_t = us.mean(2), ut.mean(2)
     rs, rt = us - mean_s[..., None], ut - mean_t[..., None]
     half_sum, difference = (rs + rt).mul_(0.5), rs - rt
@@ -197,8 +198,8 @@ def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: 
     us (B, Cs, M), ut (B, Ct, M): float64 nodes, one column per node. Returns (loss, NodeGrad or
     None for Us, for Ut), the loss a 0-d float64 tensor. `try_float32`: run the low-rank products
     in float32 first and keep them when their estimated rounding error is small. `centre(u, out)`
-    writes the residuals into `out` and gives the `Centred` nodes; `centre_pair(us, ut, out)` the
-    difference form's (Cs == Ct) into `out` (B, 2C, M), giving the `CentredPair`.
+    writes the residuals into `out` and gives the `Centred` nodes; `centre_pair(us, ut, dtype)`
+    gives the difference form's `CentredPair` (Cs == Ct).
     """
     if algorithm == "lowrank":
         result = _lowrank(us, ut, want_s, want_t, try_float32, centre, centre_pair)
@@ -302,7 +303,7 @@ def _difference_form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair):
     Gradients: F Rs = (Rs S^T) E + (Rs E^T) S with Rs S^T = S S^T + H / 2, Rs E^T = H^T + E E^T / 2;
     for Rt the halves change sign. None when the estimated error exceeds rtol."""
     b, c, m = us.shape
-    pair = centre_pair(us, ut, torch.empty((b, 2 * c, m), dtype=dtype, device=us.device))
+    pair = centre_pair(us, ut, dtype)
     z = pair.stacked
     mean = _MeanTerms.of(pair.mean_s, pair.q_s, pair.mean_t, pair.q_t, m)
     sumsq = pair.sumsq
@@ -357,14 +358,18 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _stacked_gram(r: torch.Tensor, cs: int) -> torch.Tensor:
     """G = R R^T per image, (B, K, K), for the stacked residuals R (B, K, M)."""
-    if _onednn_float32(r):  # the whole K x K in one call: faster than its blocks (oneDNN packs R once)
-        return torch.stack([_linear(x, x) for x in r]) if r.shape[0] > 1 else _linear(r[0], r[0])[None]
+    # G is symmetric: the leading rows against all rows, then the trailing block against itself,
+    # and G_ts mirrored (a quarter fewer flops than the whole K x K when Cs = Ct).
     rs, rt = r[:, :cs], r[:, cs:]
     gram = torch.empty((r.shape[0], r.shape[1], r.shape[1]), dtype=r.dtype, device=r.device)
-    gram[:, :cs, :cs] = torch.bmm(rs, rs.transpose(1, 2))
-    gram[:, :cs, cs:] = torch.bmm(rs, rt.transpose(1, 2))
+    if _onednn_float32(r):
+        for g, x in zip(gram, r):
+            g[:cs] = _linear(x[:cs], x)
+            g[cs:, cs:] = _linear(x[cs:], x[cs:])
+    else:
+        gram[:, :cs] = torch.bmm(rs, r.transpose(1, 2))
+        gram[:, cs:, cs:] = torch.bmm(rt, rt.transpose(1, 2))
     gram[:, cs:, :cs] = gram[:, :cs, cs:].transpose(1, 2)
-    gram[:, cs:, cs:] = torch.bmm(rt, rt.transpose(1, 2))
     return gram
 
 
@@ -562,6 +567,7 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
     gs = torch.empty_like(student) if want_s else None
     gt = torch.empty_like(teacher) if want_t else None
     total = torch.zeros((), dtype=torch.float64, device=student.device)
+    workspace = {}
     for part in _chunks(student, teacher, m):
         ns = _Nodes(student[part], kernel, pooling, normalization, backend, need_grad=want_s)
         nt = _Nodes(teacher[part], kernel, pooling, normalization, backend, need_grad=want_t)
@@ -569,10 +575,18 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
         def centre(u, out):
             return (ns if u is ns.u else nt).centre(out)
 
+        def centre_pair(us, ut, dtype):
+            # One [S; E] buffer for all the chunks: on CPU, first-touch page faults of a fresh one
+            # cost as much as the centring itself.
+            shape = (us.shape[0], 2 * us.shape[1], us.shape[2])
+            if workspace.get(dtype) is None or workspace[dtype].shape != shape:
+                workspace[dtype] = torch.empty(shape, dtype=dtype)
+            return _centre_pair_cpu(us, ut, workspace[dtype])
+
         loss, grad_s, grad_t = similarity_core(
             ns.u, nt.u, algorithm, want_s, want_t,
             try_float32=student.device.type == "cpu" and student.dtype != torch.float64, centre=centre,
-            centre_pair=_centre_pair_cpu if backend == "cpu" else centre_pair_nodes)
+            centre_pair=centre_pair if backend == "cpu" else centre_pair_nodes)
         total += loss
         # The core's gradients are of the unscaled sum; the loss divides it by M^2 and B.
         if want_s:
