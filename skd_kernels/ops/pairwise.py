@@ -6,7 +6,7 @@ feature vectors) of the student with the teacher's: sum over images and pairs of
 divided by M^2 and by B. Three passes, none of which builds the M x M matrix A:
 
 1. nodes (fused kernel per backend): pool, normalise, transpose into float64 u (B, C, M);
-2. the similarity core, on float64 GEMMs, by one of two exact algorithms:
+2. the similarity core, by one of two exact algorithms:
    - ``lowrank``: sum_ij (a^s - a^t)^2 = ||Us Us^T||^2 + ||Ut Ut^T||^2 - 2 ||Us Ut^T||^2 with the
      (C x C) Gram matrices; O(M C^2) work, O(C^2) memory; gradient d/dUs = 4 (Gss Us - Gst Ut);
    - ``tiled``: row blocks D_I = A^s_I - A^t_I (R x M) formed, squared and summed, and the gradient
@@ -14,12 +14,18 @@ divided by M^2 and by B. Three passes, none of which builds the M x M matrix A:
    ``auto`` picks the one with fewer flops.
 3. node backward (fused kernel per backend): through the normalisation and the pooling.
 
-Why float64 in the core: with fp32 Grams the low-rank form subtracts terms of size ||A||^2 ~ M^2 to
+Exactness. Plain Gram products cancel: the low-rank form subtracts terms of size ||A||^2 ~ M^2 to
 get a loss that can be 1e-9 of that (student close to teacher, post-ReLU features whose similarities
-all sit near 1): it returns 0 or garbage. In float64 the absolute error of the summed loss is about
-1e-16 (||Gss||^2 + ||Gtt||^2 + 2 ||Gst||^2), and that of the tiled sum about 1e-16 M^2 max|a|, both
-relative to M^2 B; the nodes are kept in float64 so that the similarities of fp32/fp16/bf16 inputs
-are formed exactly. That is the guarantee the tests check, against the float64 reference.
+all sit near 1), and returns 0 or garbage in float32. So the low-rank core (see `_lowrank`) centres
+the nodes (the shared mean direction is handled exactly in float64 vector work) and, when Cs == Ct,
+works on S = (Rs + Rt) / 2 and E = Rs - Rt, whose products' rounding errors scale with the
+student-teacher difference itself. Every low-rank result comes with a statistical estimate of its
+rounding error and is kept only when that is below FLOAT32_LOSS_RTOL (float32 products, CPU, for
+non-float64 input; on oneDNN there, see `_onednn_float32`) or FLOAT64_LOSS_RTOL (float64); otherwise
+the core retries in float64, then falls back to the tiled algorithm on float64 nodes, whose absolute
+error is about 1e-16 M^2 max|a| relative to M^2 B. The nodes are float64 so that the similarities of
+fp32/fp16/bf16 inputs are formed exactly. That is the guarantee the tests check, against the float64
+reference.
 
 Like the pixel-wise op, the op returns the loss with the gradients already computed (the core yields
 them for little extra work); autograd keeps them and the backward only scales them.
