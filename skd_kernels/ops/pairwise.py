@@ -211,8 +211,8 @@ def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: 
         result = _lowrank(us, ut, want_s, want_t, try_float32, centre, centre_pair)
         if result is not None:
             return result
-        # The low-rank form cancels beyond even float64 here (student within ~1e-5 of the teacher);
-        # the tiled form subtracts the similarities themselves and stays exact.
+        # The low-rank form cancels beyond even float64 here (plain form, Cs != Ct, student within
+        # ~1e-5 of the teacher); the tiled form subtracts the similarities themselves and stays exact.
     return _tiled(us, ut, want_s, want_t)
 
 
@@ -334,6 +334,11 @@ def _difference_form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair):
     return loss, grads[0], grads[1]
 
 
+# Which forms the low-rank core tries, in order: the difference form is never much less exact than
+# the plain one (|S|, |E| <= |R|), so it alone serves Cs == Ct.
+_FORMS = {"plain": (_plain_form,), "difference": (_difference_form,)}
+
+
 def _times(residual, q):
     """R^T q per image, (B, C), in float64."""
     return torch.bmm(residual, q.to(residual.dtype)[..., None])[..., 0].double()
@@ -412,21 +417,6 @@ def _plain_gram_loss(gram, sign, sumsq_s, sumsq_t, nodes: int, unit_roundoff: fl
     loss = (products[..., 0] * sign).sum()
     weighted = (products[..., 1] * n).sum() + 2 * (products[:, :cs, 2] * sumsq_s).sum()
     return loss, 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
-
-
-# Which forms the low-rank core tries, in order: the difference form is never much less exact than
-# the plain one (|S|, |E| <= |R|), so it alone serves Cs == Ct.
-_FORMS = {"plain": (_plain_form,), "difference": (_difference_form,)}
-
-
-def _centre_pair_cpu(us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
-    """`centre_pair_nodes` fused on the CPU backend."""
-    b, c, m = us.shape
-    f64 = dict(dtype=torch.float64)
-    pair = CentredPair(out, torch.empty((b, c), **f64), torch.empty((b, c), **f64), torch.empty((b, m), **f64),
-                       torch.empty((b, m), **f64), torch.empty((b, 2 * c), **f64))
-    load_extension("cpu").pairwise_centre_pair(us, ut, *pair)
-    return pair
 
 
 def _difference_gram_loss(gram, sumsq_s, sumsq_e, nodes: int, unit_roundoff: float):
@@ -542,6 +532,16 @@ class _Nodes:
         elif self.pooling == "avg":
             grad_pooled = torch.ops.aten.avg_pool2d_backward(grad_pooled, x, k, k, [0, 0], True, True, None)
         grad.copy_(grad_pooled)
+
+
+def _centre_pair_cpu(us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
+    """`centre_pair_nodes` fused on the CPU backend."""
+    b, c, m = us.shape
+    f64 = dict(dtype=torch.float64)
+    pair = CentredPair(out, torch.empty((b, c), **f64), torch.empty((b, c), **f64), torch.empty((b, m), **f64),
+                       torch.empty((b, m), **f64), torch.empty((b, 2 * c), **f64))
+    load_extension("cpu").pairwise_centre_pair(us, ut, *pair)
+    return pair
 
 
 def _node_pass(backend: str, direction: str, nodes: _Nodes, *grads) -> None:
