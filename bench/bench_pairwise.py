@@ -8,8 +8,8 @@ inputs (MB; on CPU in a re-exec that measures it, see bench/common.py) for the o
 CriterionPairWiseforWholeFeatAfterPool formula (it builds the M x M similarity matrices) and each
 fused backend on this device; `speedup` and `memory_ratio` are official / fused. Features are
 post-ReLU (as the PSP bottleneck's), student and teacher independent, or the teacher a 1e-3
-perturbation of the student (`near`: the low-rank form's hard case, where the core falls back to
-float64 or to the tiled algorithm). The official formulation is skipped where its similarity
+perturbation of the student (`near`: the plain low-rank form's hard case, which the core's
+difference form keeps exact in float32 when Cs == Ct; see skd_kernels/ops/pairwise.py). The official formulation is skipped where its similarity
 matrices alone would exceed --official-limit-gb.
 """
 from __future__ import annotations

@@ -121,14 +121,43 @@ void pairwise_centre(const at::Tensor& nodes, at::Tensor& residual, at::Tensor& 
   check_buffer(nodes, at::kDouble, b * c * m, "nodes");
   TORCH_CHECK(residual.scalar_type() == at::kFloat || residual.scalar_type() == at::kDouble,
               "skd_kernels: residual must be float32 or float64");
-  check_buffer(residual, residual.scalar_type(), b * c * m, "residual");
+  // The residual may be one half of the core's stacked buffer: rows contiguous, images strided.
+  TORCH_CHECK(residual.dim() == 3 && residual.size(0) == b && residual.size(1) == c && residual.size(2) == m &&
+                  (m == 1 || residual.stride(2) == 1) && (c == 1 || residual.stride(1) == m) &&
+                  (b == 1 || residual.stride(0) >= c * m),
+              "skd_kernels: residual must be (B, C, M) with contiguous rows, got sizes ", residual.sizes(),
+              " strides ", residual.strides());
   check_buffer(mean, at::kDouble, b * c, "mean");
   check_buffer(q, at::kDouble, b * m, "q");
   check_buffer(sumsq, at::kDouble, b * c, "sumsq");
   for (const at::Tensor* t : {&residual, &mean, &q, &sumsq}) TORCH_CHECK(t->is_cpu(), "skd_kernels: CPU buffers only");
   skd::PairwiseCentreProblem p{b, c, m, nodes.data_ptr<double>(), residual.data_ptr(), skd::dtype_of(residual),
-                               mean.data_ptr<double>(), q.data_ptr<double>(), sumsq.data_ptr<double>()};
+                               mean.data_ptr<double>(), q.data_ptr<double>(), sumsq.data_ptr<double>(),
+                               b == 1 ? c * m : residual.stride(0)};
   skd::cpu::pairwise_centre(p);
+}
+
+void pairwise_centre_pair(const at::Tensor& nodes_s, const at::Tensor& nodes_t, at::Tensor& stacked,
+                          at::Tensor& mean_s, at::Tensor& mean_t, at::Tensor& q_s, at::Tensor& q_t,
+                          at::Tensor& sumsq) {
+  TORCH_CHECK(nodes_s.is_cpu() && nodes_s.dim() == 3 && nodes_t.sizes() == nodes_s.sizes(),
+              "skd_kernels: pairwise_centre_pair takes two CPU node tensors (B, C, M) of one shape");
+  const int64_t b = nodes_s.size(0), c = nodes_s.size(1), m = nodes_s.size(2);
+  check_buffer(nodes_s, at::kDouble, b * c * m, "nodes_s");
+  check_buffer(nodes_t, at::kDouble, b * c * m, "nodes_t");
+  TORCH_CHECK(stacked.scalar_type() == at::kFloat || stacked.scalar_type() == at::kDouble,
+              "skd_kernels: stacked must be float32 or float64");
+  check_buffer(stacked, stacked.scalar_type(), b * 2 * c * m, "stacked");
+  for (at::Tensor* t : {&mean_s, &mean_t}) check_buffer(*t, at::kDouble, b * c, "mean");
+  for (at::Tensor* t : {&q_s, &q_t}) check_buffer(*t, at::kDouble, b * m, "q");
+  check_buffer(sumsq, at::kDouble, b * 2 * c, "sumsq");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&nodes_t, &stacked, &mean_s, &mean_t, &q_s, &q_t, &sumsq})
+    TORCH_CHECK(t->is_cpu(), "skd_kernels: CPU buffers only");
+  skd::PairwiseCentrePairProblem p{b, c, m, nodes_s.data_ptr<double>(), nodes_t.data_ptr<double>(),
+                                   stacked.data_ptr(), skd::dtype_of(stacked), mean_s.data_ptr<double>(),
+                                   mean_t.data_ptr<double>(), q_s.data_ptr<double>(), q_t.data_ptr<double>(),
+                                   sumsq.data_ptr<double>()};
+  skd::cpu::pairwise_centre_pair(p);
 }
 
 const skd::BindingRegistration registration([](pybind11::module_& m) {
@@ -138,6 +167,9 @@ const skd::BindingRegistration registration([](pybind11::module_& m) {
         "Gradient of the node pass: d loss / d nodes (B, C, M) -> d loss / d features (B, C, H, W)");
   m.def("pairwise_centre", &pairwise_centre,
         "Centre float64 nodes (B, C, M) over the nodes: residual, mean, q = r . mean, per-channel sum of r^2");
+  m.def("pairwise_centre_pair", &pairwise_centre_pair,
+        "Centre student and teacher float64 nodes (B, C, M) into S = (rs + rt) / 2 and E = rs - rt, stacked "
+        "(B, 2C, M); means, q's, per-row sums of squares of S and E");
 });
 
 }  // namespace

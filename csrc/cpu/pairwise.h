@@ -8,4 +8,6 @@ void pairwise_nodes_forward(const PairwiseNodesProblem& p);
 void pairwise_nodes_backward(const PairwiseNodesProblem& p);
 // Centres the float64 nodes for the low-rank core; OpenMP over (image, chunk of nodes).
 void pairwise_centre(const PairwiseCentreProblem& p);
+// Centres both sides' nodes into the difference form's S and E (Cs == Ct); OpenMP likewise.
+void pairwise_centre_pair(const PairwiseCentrePairProblem& p);
 }

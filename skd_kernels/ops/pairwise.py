@@ -6,7 +6,7 @@ feature vectors) of the student with the teacher's: sum over images and pairs of
 divided by M^2 and by B. Three passes, none of which builds the M x M matrix A:
 
 1. nodes (fused kernel per backend): pool, normalise, transpose into float64 u (B, C, M);
-2. the similarity core, on float64 GEMMs, by one of two exact algorithms:
+2. the similarity core, by one of two exact algorithms:
    - ``lowrank``: sum_ij (a^s - a^t)^2 = ||Us Us^T||^2 + ||Ut Ut^T||^2 - 2 ||Us Ut^T||^2 with the
      (C x C) Gram matrices; O(M C^2) work, O(C^2) memory; gradient d/dUs = 4 (Gss Us - Gst Ut);
    - ``tiled``: row blocks D_I = A^s_I - A^t_I (R x M) formed, squared and summed, and the gradient
@@ -14,12 +14,18 @@ divided by M^2 and by B. Three passes, none of which builds the M x M matrix A:
    ``auto`` picks the one with fewer flops.
 3. node backward (fused kernel per backend): through the normalisation and the pooling.
 
-Why float64 in the core: with fp32 Grams the low-rank form subtracts terms of size ||A||^2 ~ M^2 to
+Exactness. Plain Gram products cancel: the low-rank form subtracts terms of size ||A||^2 ~ M^2 to
 get a loss that can be 1e-9 of that (student close to teacher, post-ReLU features whose similarities
-all sit near 1): it returns 0 or garbage. In float64 the absolute error of the summed loss is about
-1e-16 (||Gss||^2 + ||Gtt||^2 + 2 ||Gst||^2), and that of the tiled sum about 1e-16 M^2 max|a|, both
-relative to M^2 B; the nodes are kept in float64 so that the similarities of fp32/fp16/bf16 inputs
-are formed exactly. That is the guarantee the tests check, against the float64 reference.
+all sit near 1), and returns 0 or garbage in float32. So the low-rank core (see `_lowrank`) centres
+the nodes (the shared mean direction is handled exactly in float64 vector work) and, when Cs == Ct,
+works on S = (Rs + Rt) / 2 and E = Rs - Rt, whose products' rounding errors scale with the
+student-teacher difference itself. Every low-rank result comes with a statistical estimate of its
+rounding error and is kept only when that is below FLOAT32_LOSS_RTOL (float32 products, CPU, for
+non-float64 input; on oneDNN there, see `_onednn_float32`) or FLOAT64_LOSS_RTOL (float64); otherwise
+the core retries in float64, then falls back to the tiled algorithm on float64 nodes, whose absolute
+error is about 1e-16 M^2 max|a| relative to M^2 B. The nodes are float64 so that the similarities of
+fp32/fp16/bf16 inputs are formed exactly. That is the guarantee the tests check, against the float64
+reference.
 
 Like the pixel-wise op, the op returns the loss with the gradients already computed (the core yields
 them for little extra work); autograd keeps them and the backward only scales them.
@@ -156,28 +162,58 @@ class Centred(NamedTuple):
     sumsq: torch.Tensor
 
 
-def centre_nodes(u: torch.Tensor, dtype: torch.dtype) -> Centred:
-    """Stock-PyTorch centring (the CPU backend fuses it: csrc/cpu/pairwise.cpp `pairwise_centre`)."""
+def centre_nodes(u: torch.Tensor, out: torch.Tensor) -> Centred:
+    """Stock-PyTorch centring into `out` (B, C, M), whose dtype is the core's (the CPU backend fuses
+    it: csrc/cpu/pairwise.cpp `pairwise_centre`)."""
     mean = u.mean(2)
     r = u - mean[..., None]
-    return Centred(r.to(dtype), mean, torch.einsum("bcm,bc->bm", r, mean), r.square().sum(2))
+    out.copy_(r)
+    return Centred(out, mean, torch.einsum("bcm,bc->bm", r, mean), r.square().sum(2))
+
+
+class CentredPair(NamedTuple):
+    """Both sides' nodes centred for the difference form (Cs == Ct): stacked [S; E] (B, 2C, M) in the
+    core's dtype, S = (rs + rt) / 2 and E = rs - rt each rounded once from float64; the means (B, C),
+    q = r . mean (B, M) of each side and the per-row sums of squares of [S; E] (B, 2C), in float64."""
+    stacked: torch.Tensor
+    mean_s: torch.Tensor
+    mean_t: torch.Tensor
+    q_s: torch.Tensor
+    q_t: torch.Tensor
+    sumsq: torch.Tensor
+
+
+def centre_pair_nodes(us: torch.Tensor, ut: torch.Tensor, dtype: torch.dtype) -> CentredPair:
+    """Stock-PyTorch centring for the difference form, [S; E] in `dtype` (the CPU backend fuses it:
+    csrc/cpu/pairwise.cpp `pairwise_centre_pair`)."""
+    b, c, m = us.shape
+    out = torch.empty((b, 2 * c, m), dtype=dtype, device=us.device)
+    mean_s, mean_t = us.mean(2), ut.mean(2)
+    rs, rt = us - mean_s[..., None], ut - mean_t[..., None]
+    half_sum, difference = (rs + rt).mul_(0.5), rs - rt
+    out[:, :c].copy_(half_sum)
+    out[:, c:].copy_(difference)
+    sumsq = torch.cat([half_sum.square().sum(2), difference.square().sum(2)], 1)
+    return CentredPair(out, mean_s, mean_t, torch.einsum("bcm,bc->bm", rs, mean_s),
+                       torch.einsum("bcm,bc->bm", rt, mean_t), sumsq)
 
 
 def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: bool, want_t: bool,
-                    try_float32: bool = False, centre=centre_nodes):
+                    try_float32: bool = False, centre=centre_nodes, centre_pair=centre_pair_nodes):
     """sum_b ||Us_b^T Us_b - Ut_b^T Ut_b||_F^2 and its gradients with respect to Us, Ut.
 
     us (B, Cs, M), ut (B, Ct, M): float64 nodes, one column per node. Returns (loss, NodeGrad or
     None for Us, for Ut), the loss a 0-d float64 tensor. `try_float32`: run the low-rank products
-    in float32 first and keep them when their estimated rounding error is small. `centre(u, dtype)`
-    gives the `Centred` nodes.
+    in float32 first and keep them when their estimated rounding error is small. `centre(u, out)`
+    writes the residuals into `out` and gives the `Centred` nodes; `centre_pair(us, ut, dtype)`
+    gives the difference form's `CentredPair` (Cs == Ct).
     """
     if algorithm == "lowrank":
-        result = _lowrank(us, ut, want_s, want_t, try_float32, centre)
+        result = _lowrank(us, ut, want_s, want_t, try_float32, centre, centre_pair)
         if result is not None:
             return result
-        # The low-rank form cancels beyond even float64 here (student within ~1e-5 of the teacher);
-        # the tiled form subtracts the similarities themselves and stays exact.
+        # The low-rank form cancels beyond even float64 here (plain form, Cs != Ct, student within
+        # ~1e-5 of the teacher); the tiled form subtracts the similarities themselves and stays exact.
     return _tiled(us, ut, want_s, want_t)
 
 
@@ -188,45 +224,120 @@ FLOAT32_LOSS_RTOL = 1e-5
 FLOAT64_LOSS_RTOL = 1e-10
 
 
-def _lowrank(us, ut, want_s, want_t, try_float32, centre):
-    """The low-rank form on centred nodes, or None when its float64 rounding error would exceed
-    FLOAT64_LOSS_RTOL.
+def _lowrank(us, ut, want_s, want_t, try_float32, centre, centre_pair):
+    """The low-rank form on centred nodes, or None when even its float64 rounding error would
+    exceed FLOAT64_LOSS_RTOL.
 
     With c the mean node and r_i = u_i - c (so sum_i r_i = 0), A = 1 1^T c.c + 1 p^T + p 1^T + R R^T,
     p = R c. The difference D = A^s - A^t splits into E (the first three terms, rank <= 3) and
     F = Rs Rs^T - Rt Rt^T, and <E, F> = 0 because R^T 1 = 0: sum D^2 = ||E||^2 + ||F||^2. ||E||^2 and
-    its gradient are O(M C) float64 vector work; only ||F||^2 needs the Gram matrices, now of the
+    its gradient are O(M C) float64 vector work; only ||F||^2 needs Gram matrices, now of the
     residuals: post-ReLU features share a large mean direction, which no longer cancels.
+
+    ||F||^2 in two forms, each kept only when its estimated error is within the dtype's bound:
+    `_plain_form` (Grams of Rs and Rt), whose rounding error scales with ||R||^2 and so cancels
+    when the student is close to the teacher; and, for Cs == Ct, `_difference_form` (Grams of
+    (Rs + Rt) / 2 and Rs - Rt), whose error scales with ||Rs - Rt|| (the only one tried for
+    Cs == Ct: never much less exact than the plain form, and as fast). In float32 (try_float32),
+    then in float64.
     """
-    m = us.shape[-1]
+    forms = _FORMS["difference" if us.shape[1] == ut.shape[1] else "plain"]
     for dtype, rtol in ((torch.float32, FLOAT32_LOSS_RTOL), (torch.float64, FLOAT64_LOSS_RTOL)):
         if dtype == torch.float32 and not try_float32:
             continue
-        s, t = centre(us, dtype), centre(ut, dtype)
-        alpha = s.mean.square().sum(1) - t.mean.square().sum(1)  # (B,)
-        q = s.q - t.q  # (B, M)
-        q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
-        loss_e = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum
-                  + 2 * q_sum.square()).sum()
-        loss_f, grams, squares = _residual_grams(s.residual, t.residual)
-        estimate = _lowrank_error_estimate(s.sumsq, t.sumsq, squares, nodes=m, unit_roundoff=torch.finfo(dtype).eps / 2)
-        loss = loss_e + loss_f
-        if not bool(estimate <= rtol * loss):  # NaN fails too
-            continue
-        gss, gst, gtt = grams
-        # 4 D U = 4 (F U + E U); F Us = Rs Gss - Rt Gts in node-row layout (Rs^T Us = Rs^T Rs since
-        # Rs^T 1 = 0), and E Us = 1 (alpha M c + (1.q) c + Rs^T q)^T + M q c^T.
-        grad_s = grad_t = None
-        if want_s:
-            residual = torch.baddbmm(torch.bmm(gss, s.residual), gst, t.residual, alpha=-4, beta=4)
-            bias = 4 * ((alpha * m + q_sum)[:, None] * s.mean + _times(s.residual, q))
-            grad_s = NodeGrad(residual, bias, 4 * m * s.mean, q)
-        if want_t:  # d/dUt = -4 D Ut
-            residual = torch.baddbmm(torch.bmm(gtt, t.residual), gst.transpose(1, 2), s.residual, alpha=-4, beta=4)
-            bias = -4 * ((alpha * m + q_sum)[:, None] * t.mean + _times(t.residual, q))
-            grad_t = NodeGrad(residual, bias, -4 * m * t.mean, q)
-        return loss, grad_s, grad_t
+        for form in forms:
+            result = form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair)
+            if result is not None:
+                return result
     return None
+
+
+class _MeanTerms(NamedTuple):
+    """||E||^2 and what its gradient needs (see `_lowrank`), float64: alpha = |cs|^2 - |ct|^2 (B,),
+    q = qs - qt (B, M) and its sum (B,)."""
+    loss: torch.Tensor
+    alpha: torch.Tensor
+    q: torch.Tensor
+    q_sum: torch.Tensor
+
+    @staticmethod
+    def of(mean_s, q_s, mean_t, q_t, m: int) -> "_MeanTerms":
+        alpha = mean_s.square().sum(1) - mean_t.square().sum(1)
+        q = q_s - q_t
+        q_sum = q.sum(1)  # 0 up to rounding; kept so the identity holds for the computed R
+        loss = (alpha.square() * m * m + 2 * m * q.square().sum(1) + 4 * alpha * m * q_sum + 2 * q_sum.square()).sum()
+        return _MeanTerms(loss, alpha, q, q_sum)
+
+    def grad(self, residual: torch.Tensor, sign: float, mean: torch.Tensor, r_times_q: torch.Tensor) -> NodeGrad:
+        """The node gradient, given F's part `residual` (B, C, M): sign 4 D U with E U =
+        1 (alpha M c + (1.q) c + R^T q)^T + M q c^T; c = `mean` (B, C), r_times_q = R^T q (B, C)."""
+        m = self.q.shape[1]
+        bias = 4 * sign * ((self.alpha * m + self.q_sum)[:, None] * mean + r_times_q)
+        return NodeGrad(residual, bias, 4 * sign * m * mean, self.q)
+
+
+def _plain_form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair):
+    """||F||^2 = ||Gss||^2 + ||Gtt||^2 - 2 ||Gst||^2 on the stacked residuals R = [Rs; Rt]
+    (B, Cs + Ct, M): one Gram G = R R^T holds Gss, Gst and Gtt, and each gradient is one product
+    with R. None when the estimated error exceeds rtol."""
+    b, cs, m = us.shape
+    stacked = torch.empty((b, cs + ut.shape[1], m), dtype=dtype, device=us.device)
+    s, t = centre(us, stacked[:, :cs]), centre(ut, stacked[:, cs:])
+    mean = _MeanTerms.of(s.mean, s.q, t.mean, t.q, m)
+    gram = _stacked_gram(stacked, cs)
+    sign = torch.ones(stacked.shape[1], dtype=torch.float64, device=us.device)
+    sign[cs:] = -1
+    loss_f, estimate = _plain_gram_loss(gram, sign, s.sumsq, t.sumsq, m, unit_roundoff=torch.finfo(dtype).eps / 2)
+    loss = mean.loss + loss_f
+    if not bool(estimate <= rtol * loss):  # NaN fails too
+        return None
+    # F Us = Rs Gss - Rt Gts in node-row layout (Rs^T Us = Rs^T Rs since Rs^T 1 = 0), i.e.
+    # [Gss, -Gst] R in columns; d/dUt = -4 D Ut: F Ut = -[Gts, -Gtt] R.
+    signed = gram.mul_((4 * sign).to(dtype))  # 4 [G_s., -G_.t], in place: G is not needed any more
+    grad_s = grad_t = None
+    if want_s:
+        grad_s = mean.grad(_times_stacked(signed[:, :cs], stacked), 1.0, s.mean, _times(s.residual, mean.q))
+    if want_t:
+        grad_t = mean.grad(_times_stacked(signed[:, cs:].neg(), stacked), -1.0, t.mean, _times(t.residual, mean.q))
+    return loss, grad_s, grad_t
+
+
+def _difference_form(us, ut, dtype, rtol, want_s, want_t, centre, centre_pair):
+    """||F||^2 for Cs == Ct from S = (Rs + Rt) / 2 and E = Rs - Rt, so that F = S^T E + E^T S (node
+    space) and ||F||^2 = 2 <S S^T, E E^T> + 2 <H, H^T>, H = E S^T: each term is of size
+    ||S||^2 ||E||^2, and so is its rounding error; nothing cancels however close the student is to
+    the teacher. Stacked Z = [S; E] (B, 2C, M), one Gram Z Z^T = [[S S^T, H^T], [H, E E^T]].
+    Gradients: F Rs = (Rs S^T) E + (Rs E^T) S with Rs S^T = S S^T + H / 2, Rs E^T = H^T + E E^T / 2;
+    for Rt the halves change sign. None when the estimated error exceeds rtol."""
+    b, c, m = us.shape
+    pair = centre_pair(us, ut, dtype)
+    z = pair.stacked
+    mean = _MeanTerms.of(pair.mean_s, pair.q_s, pair.mean_t, pair.q_t, m)
+    sumsq = pair.sumsq
+    gram = _stacked_gram(z, c)
+    loss_f, estimate = _difference_gram_loss(gram, sumsq[:, :c], sumsq[:, c:], m,
+                                             unit_roundoff=torch.finfo(dtype).eps / 2)
+    loss = mean.loss + loss_f
+    if not bool(estimate <= rtol * loss):
+        return None
+    # [Rs S^T, Rs E^T] = G[:C] + G[C:] / 2 = [S S^T + H / 2, H^T + E E^T / 2]; the gradient takes
+    # them against [E; S], i.e. the column halves swapped against Z = [S; E].
+    # Rs^T q = (S + E / 2)^T q, Rt^T q = (S - E / 2)^T q.
+    zq = _times(z, mean.q)
+    grads = []
+    for want, sign, centre_mean in ((want_s, 1.0, pair.mean_s), (want_t, -1.0, pair.mean_t)):
+        if not want:
+            grads.append(None)
+            continue
+        blocks = torch.add(gram[:, :c], gram[:, c:], alpha=0.5 * sign).mul_(4 * sign)
+        blocks = torch.cat([blocks[..., c:], blocks[..., :c]], 2)
+        grads.append(mean.grad(_times_stacked(blocks, z), sign, centre_mean, zq[:, :c] + 0.5 * sign * zq[:, c:]))
+    return loss, grads[0], grads[1]
+
+
+# Which forms the low-rank core tries, in order: the difference form is never much less exact than
+# the plain one (|S|, |E| <= |R|), so it alone serves Cs == Ct.
+_FORMS = {"plain": (_plain_form,), "difference": (_difference_form,)}
 
 
 def _times(residual, q):
@@ -234,32 +345,102 @@ def _times(residual, q):
     return torch.bmm(residual, q.to(residual.dtype)[..., None])[..., 0].double()
 
 
-def _residual_grams(rs, rt):
-    """The residual Gram matrices, their squares, and ||F||^2 = sum Gss^2 + sum Gtt^2 - 2 sum Gst^2
-    (summed in float64)."""
-    grams = (torch.bmm(rs, rs.transpose(1, 2)), torch.bmm(rs, rt.transpose(1, 2)), torch.bmm(rt, rt.transpose(1, 2)))
-    squares = [g.square() for g in grams]
-    sums = [sq.sum(dtype=torch.float64) for sq in squares]
-    return sums[0] + sums[2] - 2 * sums[1], grams, squares
+# --- the core's GEMMs: oneDNN for float32 on CPU ---------------------------------------------------
+# PyTorch's CPU bmm calls MKL, whose float32 GEMM runs AVX2 kernels on AMD processors; oneDNN's
+# (the matmul behind torch.ops.mkldnn._linear_pointwise, x @ w^T) picks AVX-512 by the CPU's
+# features: 2 to 2.5x faster at the core's shapes (C x C x M and C x M x 2C). Same float32
+# arithmetic, so the error estimate holds; only while float32 matmuls are set to full precision.
+
+def _onednn_float32(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision in ("none", "ieee")
+    return torch.get_float32_matmul_precision() == "highest"
 
 
-def _lowrank_error_estimate(sumsq_s, sumsq_t, squares, nodes: int, unit_roundoff: float) -> torch.Tensor:
-    """Statistical estimate of the low-rank loss's rounding error.
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T on oneDNN: x (N, K), w (O, K) with unit stride along K."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
-    A Gram entry G_ab = sum over M nodes carries an error of about unit_roundoff sqrt(M) n_a n_b
-    (n_a^2: the per-channel sums of squares over the nodes, (B, C); rounding errors of a blocked sum
-    add like a random walk, and the rounding of the inputs adds as much again). The loss
-    sum_ab G_ab^2 (with signs) then errs by about 2 sqrt(sum_ab G_ab^2 dG_ab^2), counting Gst twice.
+
+def _stacked_gram(r: torch.Tensor, cs: int) -> torch.Tensor:
+    """G = R R^T per image, (B, K, K), for the stacked residuals R (B, K, M)."""
+    # G is symmetric: the leading rows against all rows, then the trailing block against itself,
+    # and G_ts mirrored (a quarter fewer flops than the whole K x K when Cs = Ct).
+    rs, rt = r[:, :cs], r[:, cs:]
+    gram = torch.empty((r.shape[0], r.shape[1], r.shape[1]), dtype=r.dtype, device=r.device)
+    if _onednn_float32(r):
+        for g, x in zip(gram, r):
+            g[:cs] = _linear(x[:cs], x)
+            g[cs:, cs:] = _linear(x[cs:], x[cs:])
+    else:
+        gram[:, :cs] = torch.bmm(rs, r.transpose(1, 2))
+        gram[:, cs:, cs:] = torch.bmm(rt, rt.transpose(1, 2))
+    gram[:, cs:, :cs] = gram[:, :cs, cs:].transpose(1, 2)
+    return gram
+
+
+def _times_stacked(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A R per image: a (B, C, K), r (B, K, M) -> (B, C, M)."""
+    if _onednn_float32(r):
+        if r.shape[0] == 1:
+            return _linear(a[0], r[0].t())[None]
+        return torch.stack([_linear(x, y.t()) for x, y in zip(a, r)])
+    return torch.bmm(a, r)
+
+
+def _plain_gram_loss(gram, sign, sumsq_s, sumsq_t, nodes: int, unit_roundoff: float):
+    """||F||^2 = sum Gss^2 + sum Gtt^2 - 2 sum Gst^2 = sign^T (G o G) sign summed over the images, and
+    a statistical estimate of its rounding error; both float64 0-d tensors.
+
+    gram (B, K, K): the stacked Gram in the core's dtype; sign (K,) float64: +1 on the student's
+    rows, -1 on the teacher's; sumsq_s (B, Cs), sumsq_t (B, Ct): the residuals' per-channel sums of
+    squares over the M nodes. The squares are formed and summed in float64: the loss is their small
+    difference.
+
+    Error estimate: a Gram entry G_ab = sum over M nodes carries an error of about
+    unit_roundoff sqrt(M) n_a n_b (n_a^2 = sumsq; rounding errors of a blocked sum add like a random
+    walk, and the rounding of the inputs adds as much again). The loss sum_ab G_ab^2 (with signs) then
+    errs by about 2 sqrt(sum_ab G_ab^2 dG_ab^2), counting Gst twice:
+    4 unit_roundoff sqrt(M) sqrt(n^T (G o G) n + 2 ns^T (Gst o Gst) nt), n = [ns; nt].
     Checked against float64 on independent, correlated, post-ReLU and near-identical features (tests).
     """
-    sq_ss, sq_st, sq_tt = squares
+    cs = sumsq_s.shape[1]
+    square = gram.to(torch.float64, copy=True).square_()  # (B, K, K); G itself is needed after
+    n = torch.cat([sumsq_s, sumsq_t], 1)  # (B, K)
+    n_t = torch.cat([torch.zeros_like(sumsq_s), sumsq_t], 1)
+    products = torch.bmm(square, torch.stack([sign.expand_as(n), n, n_t], 2))  # (B, K, 3): G^2 [sign, n, n_t]
+    loss = (products[..., 0] * sign).sum()
+    weighted = (products[..., 1] * n).sum() + 2 * (products[:, :cs, 2] * sumsq_s).sum()
+    return loss, 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
+
+
+def _difference_gram_loss(gram, sumsq_s, sumsq_e, nodes: int, unit_roundoff: float):
+    """||F||^2 = 2 <S S^T, E E^T> + 2 <H, H^T> summed over the images, and a statistical estimate of
+    its rounding error; float64 0-d tensors. gram (B, 2C, 2C) = Z Z^T with Z = [S; E];
+    sumsq_s, sumsq_e (B, C): the per-channel sums of squares of S and E.
+
+    Error estimate as in `_plain_gram_loss`: entry errors u sqrt(M) n_a n_b (twice that for the
+    input rounding), weighted by d loss / d G: 2 E E^T on the S S^T block, 2 S S^T on E E^T, and
+    4 H^T on H (counting H and H^T as one): 4 u sqrt(M) sqrt(ns^T (Gee o Gee) ns + ne^T (Gss o Gss) ne
+    + 4 ne^T (H o H) ns).
+    """
+    c = sumsq_s.shape[1]
+    g = gram.to(torch.float64, copy=True)
+    gss, h_t, h, gee = g[:, :c, :c], g[:, :c, c:], g[:, c:, :c], g[:, c:, c:]
+    loss = 2 * (gss * gee).sum() + 2 * (h * h_t).sum()  # <H, H^T> = sum_ab H_ab H_ba
+    g.square_()
 
     def bilinear(left, square, right):  # sum_b left_b^T square_b right_b
-        dtype = square.dtype
-        return torch.bmm(torch.bmm(left.to(dtype)[:, None, :], square), right.to(dtype)[:, :, None]).sum(dtype=torch.float64)
+        return torch.bmm(torch.bmm(left[:, None, :], square), right[:, :, None]).sum()
 
-    weighted = bilinear(sumsq_s, sq_ss, sumsq_s) + bilinear(sumsq_t, sq_tt, sumsq_t) + 4 * bilinear(sumsq_s, sq_st, sumsq_t)
-    return 4 * unit_roundoff * nodes**0.5 * weighted.sqrt()
+    weighted = bilinear(sumsq_s, gee, sumsq_s) + bilinear(sumsq_e, gss, sumsq_e) + 4 * bilinear(sumsq_e, h, sumsq_s)
+    return loss, 4 * unit_roundoff * nodes**0.5 * weighted.clamp_min(0).sqrt()
 
 
 def _tiled(us, ut, want_s, want_t):
@@ -323,15 +504,16 @@ class _Nodes:
         else:
             _node_pass(self.backend, "backward", self, *grad_u, scale, grad)
 
-    def centre(self, dtype: torch.dtype) -> Centred:
-        """The centred nodes for the low-rank core; fused on the CPU backend."""
+    def centre(self, out: torch.Tensor) -> Centred:
+        """The centred nodes for the low-rank core, residuals written into `out` (B, C, M); fused on
+        the CPU backend."""
         if self.backend != "cpu":
-            return centre_nodes(self.u, dtype)
-        b, c, m = self.u.shape
-        out = Centred(torch.empty((b, c, m), dtype=dtype), torch.empty((b, c), dtype=torch.float64),
-                      torch.empty((b, m), dtype=torch.float64), torch.empty((b, c), dtype=torch.float64))
-        load_extension("cpu").pairwise_centre(self.u, *out)
-        return out
+            return centre_nodes(self.u, out)
+        b, c, _ = self.u.shape
+        result = Centred(out, torch.empty((b, c), dtype=torch.float64), torch.empty((b, self.u.shape[2]), dtype=torch.float64),
+                         torch.empty((b, c), dtype=torch.float64))
+        load_extension("cpu").pairwise_centre(self.u, *result)
+        return result
 
     # The PyTorch fallback: the same two passes from stock ops. Custom-op kernels run below autograd,
     # so the pooling's backward is called directly.
@@ -367,6 +549,16 @@ class _Nodes:
         grad.copy_(grad_pooled)
 
 
+def _centre_pair_cpu(us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
+    """`centre_pair_nodes` fused on the CPU backend."""
+    b, c, m = us.shape
+    f64 = dict(dtype=torch.float64)
+    pair = CentredPair(out, torch.empty((b, c), **f64), torch.empty((b, c), **f64), torch.empty((b, m), **f64),
+                       torch.empty((b, m), **f64), torch.empty((b, 2 * c), **f64))
+    load_extension("cpu").pairwise_centre_pair(us, ut, *pair)
+    return pair
+
+
 def _node_pass(backend: str, direction: str, nodes: _Nodes, *grads) -> None:
     args = (nodes.features, *nodes.kernel, _POOLING_CODE[nodes.pooling], _NORM_CODE[nodes.normalization],
             nodes.u, nodes.inv_norm, nodes.argmax, *grads)
@@ -396,16 +588,26 @@ def _fused_forward(student, teacher, kernel, pooling, normalization, algorithm, 
     gs = torch.empty_like(student) if want_s else None
     gt = torch.empty_like(teacher) if want_t else None
     total = None
+    workspace = {}
     for part in _chunks(student, teacher, m):
         ns = _Nodes(student[part], kernel, pooling, normalization, backend, need_grad=want_s)
         nt = _Nodes(teacher[part], kernel, pooling, normalization, backend, need_grad=want_t)
 
-        def centre(u, dtype):
-            return (ns if u is ns.u else nt).centre(dtype)
+        def centre(u, out):
+            return (ns if u is ns.u else nt).centre(out)
+
+        def centre_pair(us, ut, dtype):
+            # One [S; E] buffer for all the chunks: on CPU, first-touch page faults of a fresh one
+            # cost as much as the centring itself.
+            shape = (us.shape[0], 2 * us.shape[1], us.shape[2])
+            if workspace.get(dtype) is None or workspace[dtype].shape != shape:
+                workspace[dtype] = torch.empty(shape, dtype=dtype)
+            return _centre_pair_cpu(us, ut, workspace[dtype])
 
         loss, grad_s, grad_t = similarity_core(
             ns.u, nt.u, algorithm, want_s, want_t,
-            try_float32=student.device.type == "cpu" and student.dtype != torch.float64, centre=centre)
+            try_float32=student.device.type == "cpu" and student.dtype != torch.float64, centre=centre,
+            centre_pair=centre_pair if backend == "cpu" else centre_pair_nodes)
         total = loss if total is None else total + loss
         # The core's gradients are of the unscaled sum; the loss divides it by M^2 and B.
         if want_s:
