@@ -189,13 +189,27 @@ def centre_pair_nodes(us: torch.Tensor, ut: torch.Tensor, dtype: torch.dtype) ->
     b, c, m = us.shape
     out = torch.empty((b, 2 * c, m), dtype=dtype, device=us.device)
     mean_s, mean_t = us.mean(2), ut.mean(2)
-    rs, rt = us - mean_s[..., None], ut - mean_t[..., None]
-    half_sum, difference = (rs + rt).mul_(0.5), rs - rt
-    out[:, :c].copy_(half_sum)
-    out[:, c:].copy_(difference)
-    sumsq = torch.cat([half_sum.square().sum(2), difference.square().sum(2)], 1)
-    return CentredPair(out, mean_s, mean_t, torch.einsum("bcm,bc->bm", rs, mean_s),
-                       torch.einsum("bcm,bc->bm", rt, mean_t), sumsq)
+    # At most one node-sized float64 temporary (none for a float64 core): on a GPU the whole batch is
+    # one chunk, and r_s, r_t, their sum, difference and squares took five.
+    scratch = None if dtype == torch.float64 else torch.empty_like(us)
+    sumsq = []
+    halves = ((slice(0, c), _half_sum, (mean_s + mean_t) * 0.5), (slice(c, 2 * c), torch.sub, mean_s - mean_t))
+    for half, combine, shift in halves:
+        target = out[:, half] if scratch is None else scratch
+        combine(us, ut, out=target).sub_(shift[..., None])
+        sumsq.append(torch.linalg.vector_norm(target, dim=2).square_())
+        if scratch is not None:
+            out[:, half].copy_(scratch)
+    return CentredPair(out, mean_s, mean_t, _dot_mean(us, mean_s), _dot_mean(ut, mean_t), torch.cat(sumsq, 1))
+
+
+def _half_sum(a, b, out):
+    return torch.add(a, b, out=out).mul_(0.5)
+
+
+def _dot_mean(u, mean):
+    """q = (u - mean) . mean per node, (B, M), without forming u - mean."""
+    return torch.bmm(mean[:, None, :], u)[:, 0] - mean.square().sum(1, keepdim=True)
 
 
 def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: bool, want_t: bool,
