@@ -273,6 +273,23 @@ def test_onednn_products_only_at_full_float32_precision():
     assert not ops._onednn_float32(torch.ones(1, dtype=torch.float64))
 
 
+def test_a_torch_whose_onednn_linear_fails_falls_back_to_bmm(monkeypatch):
+    """The oneDNN product is a private torch op: where it is missing or behaves otherwise, the core
+    must use bmm and stay exact, not raise."""
+    def broken(x, w):
+        raise RuntimeError("mkldnn::_linear_pointwise() expected at most 5 arguments")
+
+    monkeypatch.setattr(ops, "_linear", broken)
+    ops._onednn_linear_works.cache_clear()
+    try:
+        assert not ops._onednn_float32(torch.ones(1))
+        student, teacher = make_features((2, 16, 16, 9, 9), torch.float32, "cpu", seed=11, relu=True)
+        assert_close(*fused_and_reference(student, teacher, "cpu", dict(algorithm="lowrank")), torch.float32)
+    finally:
+        monkeypatch.undo()
+        ops._onednn_linear_works.cache_clear()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalization", ["official", "paper"])
 def test_zero_feature_vectors_match_reference(backend, normalization):

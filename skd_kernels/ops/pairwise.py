@@ -32,6 +32,7 @@ them for little extra work); autograd keeps them and the backward only scales th
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -368,13 +369,28 @@ def _times(residual, q):
 def _onednn_float32(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not _onednn_linear_works():
         return False
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     precision = getattr(matmul, "fp32_precision", None)
     if precision is not None:
         return precision in ("none", "ieee")
     return torch.get_float32_matmul_precision() == "highest"
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear_works() -> bool:
+    """Whether this torch's private oneDNN linear exists, takes our arguments and computes x @ w^T:
+    checked once on a small product, so that another torch version falls back to bmm, not to an error."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    x, w = torch.randn(7, 33, generator=torch.Generator().manual_seed(0)).split([3, 4])
+    try:
+        got = _linear(x, w)
+    except (RuntimeError, TypeError):
+        return False
+    want = x.double() @ w.double().T
+    return got.shape == want.shape and bool(torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5))
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
