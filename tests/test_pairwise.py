@@ -7,6 +7,7 @@ import torch
 
 import skd_kernels as sk
 from skd_kernels.ops import pairwise as ops
+from skd_kernels.ops import pairwise_core as core
 from skd_kernels.reference import pairwise_distill_reference
 
 from conftest import CPU_BACKENDS_HERE, assert_grad_close, backend_device, run_python
@@ -23,7 +24,7 @@ CONFIGS = {
     "every_position_paper": dict(normalization="paper"),
 }
 # Against the float64 reference on the same (rounded) inputs. The core runs in float64, or in
-# float32 when its estimated relative error is below ops.FLOAT32_LOSS_RTOL (CPU, non-fp64 input);
+# float32 when its estimated relative error is below core.FLOAT32_LOSS_RTOL (CPU, non-fp64 input);
 # the loss is returned in float32, the gradients in the input dtype (fp16/bf16 rounding; fp16
 # gradients of a mean over M^2 pairs can be subnormal, spacing 2^-24).
 LOSS_RTOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
@@ -190,7 +191,7 @@ FEATURE_FAMILIES = {
 }
 
 
-ONEDNN_HERE = ops._onednn_float32(torch.ones(1))
+ONEDNN_HERE = core._onednn_float32(torch.ones(1))
 
 
 def family_nodes(family, seed=7):
@@ -207,18 +208,18 @@ def test_float32_core_is_kept_only_within_its_error_bound(family, gemm, form, mo
     with its float32 products on oneDNN (CPU) or on bmm (every other device); by its own choice of
     form (the difference form for Cs == Ct) or by the plain form alone."""
     if gemm == "bmm":
-        monkeypatch.setattr(ops, "_onednn_float32", lambda x: False)
+        monkeypatch.setattr(core, "_onednn_float32", lambda x: False)
     elif not ONEDNN_HERE:
         pytest.skip("oneDNN float32 matmul not available")
     if form == "plain":
-        monkeypatch.setitem(ops._FORMS, "difference", (ops._plain_form,))
+        monkeypatch.setitem(core._FORMS, "difference", (core._plain_form,))
     us, ut = family_nodes(family)
-    exact, dus, dut = ops.similarity_core(us, ut, "lowrank", True, True)
-    adaptive, dus32, dut32 = ops.similarity_core(us, ut, "lowrank", True, True, try_float32=True)
-    tiled, dus_tiled, dut_tiled = ops.similarity_core(us, ut, "tiled", True, True)
+    exact, dus, dut = core.similarity_core(us, ut, "lowrank", True, True)
+    adaptive, dus32, dut32 = core.similarity_core(us, ut, "lowrank", True, True, try_float32=True)
+    tiled, dus_tiled, dut_tiled = core.similarity_core(us, ut, "tiled", True, True)
     dus, dus32, dus_tiled = dus.dense(), dus32.dense(), dus_tiled.dense()
     dut, dut32, dut_tiled = dut.dense(), dut32.dense(), dut_tiled.dense()
-    assert abs(float(adaptive) - float(exact)) <= ops.FLOAT32_LOSS_RTOL * float(exact)
+    assert abs(float(adaptive) - float(exact)) <= core.FLOAT32_LOSS_RTOL * float(exact)
     assert (dus32 - dus).abs().max() <= 1e-4 * dus.abs().max()
     assert (dut32 - dut).abs().max() <= 1e-4 * dut.abs().max()
     # Between the two float64 algorithms: the tiled one's D = A^s - A^t loses as many digits as the
@@ -234,13 +235,13 @@ def test_difference_form_stays_float32_where_the_plain_form_cannot(family):
     """Student ~= teacher: the plain form's float32 estimate refuses (its error scales with ||R||^2),
     the difference form's accepts (it scales with ||Rs - Rt||), and it is right."""
     us, ut = family_nodes(family)
-    centres = (ops.centre_nodes, ops.centre_pair_nodes)
-    assert ops._plain_form(us, ut, torch.float32, ops.FLOAT32_LOSS_RTOL, True, True, *centres) is None
-    kept = ops._difference_form(us, ut, torch.float32, ops.FLOAT32_LOSS_RTOL, True, True, *centres)
+    centres = (core.centre_nodes, core.centre_pair_nodes)
+    assert core._plain_form(us, ut, torch.float32, core.FLOAT32_LOSS_RTOL, True, True, *centres) is None
+    kept = core._difference_form(us, ut, torch.float32, core.FLOAT32_LOSS_RTOL, True, True, *centres)
     assert kept is not None
     loss, grad_s, grad_t = kept
-    tiled, dus, dut = ops.similarity_core(us, ut, "tiled", True, True)
-    assert abs(float(loss) - float(tiled)) <= ops.FLOAT32_LOSS_RTOL * float(tiled)
+    tiled, dus, dut = core.similarity_core(us, ut, "tiled", True, True)
+    assert abs(float(loss) - float(tiled)) <= core.FLOAT32_LOSS_RTOL * float(tiled)
     for got, ref in ((grad_s.dense(), dus.dense()), (grad_t.dense(), dut.dense())):
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
@@ -252,9 +253,9 @@ def test_fused_difference_centring_matches_stock_pytorch(dtype):
     g = torch.Generator().manual_seed(3)
     us, ut = torch.randn(2, 5, 37, generator=g, dtype=torch.float64), torch.randn(2, 5, 37, generator=g, dtype=torch.float64)
     fused = ops._centre_pair_cpu(us, ut, torch.empty(2, 10, 37, dtype=dtype))
-    stock = ops.centre_pair_nodes(us, ut, dtype)
+    stock = core.centre_pair_nodes(us, ut, dtype)
     rtol = 1e-6 if dtype == torch.float32 else 1e-12
-    for name, got, ref in zip(ops.CentredPair._fields, fused, stock):
+    for name, got, ref in zip(core.CentredPair._fields, fused, stock):
         assert got.dtype == ref.dtype, name
         assert torch.allclose(got, ref, rtol=rtol, atol=rtol * float(ref.abs().max())), name
 
@@ -266,11 +267,11 @@ def test_onednn_products_only_at_full_float32_precision():
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        assert not ops._onednn_float32(torch.ones(1))
+        assert not core._onednn_float32(torch.ones(1))
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert ops._onednn_float32(torch.ones(1))
-    assert not ops._onednn_float32(torch.ones(1, dtype=torch.float64))
+    assert core._onednn_float32(torch.ones(1))
+    assert not core._onednn_float32(torch.ones(1, dtype=torch.float64))
 
 
 def test_a_torch_whose_onednn_linear_fails_falls_back_to_bmm(monkeypatch):
@@ -279,15 +280,15 @@ def test_a_torch_whose_onednn_linear_fails_falls_back_to_bmm(monkeypatch):
     def broken(x, w):
         raise RuntimeError("mkldnn::_linear_pointwise() expected at most 5 arguments")
 
-    monkeypatch.setattr(ops, "_linear", broken)
-    ops._onednn_linear_works.cache_clear()
+    monkeypatch.setattr(core, "_linear", broken)
+    core._onednn_linear_works.cache_clear()
     try:
-        assert not ops._onednn_float32(torch.ones(1))
+        assert not core._onednn_float32(torch.ones(1))
         student, teacher = make_features((2, 16, 16, 9, 9), torch.float32, "cpu", seed=11, relu=True)
         assert_close(*fused_and_reference(student, teacher, "cpu", dict(algorithm="lowrank")), torch.float32)
     finally:
         monkeypatch.undo()
-        ops._onednn_linear_works.cache_clear()
+        core._onednn_linear_works.cache_clear()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -339,8 +340,8 @@ def test_second_backward_with_retain_graph_matches_first(backend):
 
 
 def test_auto_algorithm_chooses_by_flops():
-    assert ops.choose_algorithm(9, 128, 512, False) == "tiled"  # official default: 3 x 3 nodes
-    assert ops.choose_algorithm(4225, 512, 512, False) == "lowrank"  # 65 x 65 nodes
+    assert core.choose_algorithm(9, 128, 512, False) == "tiled"  # official default: 3 x 3 nodes
+    assert core.choose_algorithm(4225, 512, 512, False) == "lowrank"  # 65 x 65 nodes
 
 
 def test_official_module_reads_feat_ind_and_detaches_teacher():
