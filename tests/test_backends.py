@@ -63,3 +63,15 @@ def test_unbuildable_extension_falls_back_to_the_reference(monkeypatch):
     assert resolve_backend("cpu", "cpu") == "torch"
     s, t = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
     assert torch.allclose(sk.pixelwise_distill_loss(s, t, backend="cpu"), pixelwise_official(s, t))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_a_gpu_runs_the_cuda_kernels_of_the_distillation_losses(monkeypatch):
+    monkeypatch.delenv("SKD_BACKEND", raising=False)
+    assert _extension.load_extension("cuda") is not None, "the CUDA extension must build on a GPU machine"
+    from skd_kernels.ops import pairwise, pixelwise
+
+    for ops in (pairwise, pixelwise):
+        assert resolve_backend("cuda", None, ops._GPU_PREFERENCE) == "cuda"
+    assert resolve_backend("cuda") == "triton"  # attention's preference, the default
