@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,7 +26,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import skd_kernels as sk  # noqa: E402
-from common import RESULTS, device_name, ensure_cpu_measurement_env, peak_mb, print_table, write_csv  # noqa: E402
+from common import (RESULTS, device_name, elapsed_ms, ensure_cpu_measurement_env, peak_mb, print_table,  # noqa: E402
+                    write_csv)
 from skd_kernels.reference import attention_reference  # noqa: E402
 
 # (B, N, Dk, Dv): the official D's two attention blocks on 65x65 logits, then large maps.
@@ -83,13 +83,7 @@ def best_ms(steps: dict, device: torch.device, repeats: int) -> dict:
     best = {name: float("inf") for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+            best[name] = min(best[name], elapsed_ms(step, device))
     return best
 
 

@@ -49,20 +49,22 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def elapsed_ms(fn, device: torch.device) -> float:
+    """Wall time of one fn() in milliseconds, the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def time_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median wall time of fn() in milliseconds."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(elapsed_ms(fn, device) for _ in range(repeats))
 
 
 def peak_mb(fn, device: torch.device) -> float:

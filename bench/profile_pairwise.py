@@ -6,9 +6,7 @@ and the torch.profiler's per-step CPU and device time of each op, official formu
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -17,19 +15,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench_pairwise import CIRKD, OFFICIAL_DEFAULT, fused_backends, make_step  # noqa: E402
+from common import time_ms  # noqa: E402
 
 CASES = {"official": OFFICIAL_DEFAULT, "cirkd": CIRKD}
-
-
-def wall_ms(step, device, repeats=100) -> float:
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -43,9 +31,7 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for impl in ["official", *fused_backends(device)]:
         step = make_step(impl, case, device)
-        for _ in range(10):
-            step()
-        ms = wall_ms(step, device)
+        ms = time_ms(step, device, repeats=100, warmup=10)
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 step()
