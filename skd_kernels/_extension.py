@@ -12,6 +12,7 @@ naming the cause, and returns None; the ops then run the PyTorch reference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -51,7 +52,9 @@ def _flags(kind: str) -> dict:
     return flags
 
 
-def _missing_tool(kind: str) -> str | None:
+@functools.lru_cache(maxsize=None)
+def missing_tool(kind: str) -> str | None:
+    """Why `kind` cannot be built here, or None; asked once per process (it runs `ninja --version`)."""
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
@@ -122,7 +125,7 @@ def load_extension(kind: str):
     warning) if it cannot be built here."""
     if kind in _loaded:
         return _loaded[kind]
-    cause = _missing_tool(kind)
+    cause = missing_tool(kind)
     module = None
     if cause is None:
         try:

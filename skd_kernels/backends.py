@@ -1,23 +1,82 @@
-"""Which backend runs an op.
+"""Which backend runs an op, decided once: the only module that reads a backend name.
 
-`torch` (the plain reference) runs anywhere; `cpu` (C++/OpenMP) takes CPU tensors; `cuda` (CUDA C++)
-and `triton` take CUDA tensors, and `triton` also takes CPU tensors under TRITON_INTERPRET=1.
-Resolution: the call's `backend=` argument, else the SKD_BACKEND environment variable, else
-`auto` (the fastest compiled backend for the tensors' device).
+Backends: `torch` (the op's passes in stock PyTorch ops, `skd_kernels/pytorch/`) runs anywhere;
+`cpu` (C++/OpenMP) takes CPU tensors; `cuda` (CUDA C++) and `triton` take CUDA tensors, and `triton`
+also takes CPU tensors under TRITON_INTERPRET=1. Every backend runs the same op and autograd; only
+the passes differ.
+
+An op asks `resolve(op, device_type, requested, size)` for a name and `passes(op, name)` for the
+functions; both are cached, so after the first call per (op, device, request) the choice costs a
+dictionary lookup: no subprocess, no environment read, no extension probing. The request is the
+call's `backend=`, else SKD_BACKEND, else `auto` (the table below). SKD_BACKEND and TRITON_INTERPRET
+are read at the first resolve; `reset()` forgets everything (tests that change them call it).
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
+import types
 
 import torch
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
+# `auto`: the first of these that is there, per op and device type. On a GPU the CUDA kernels of
+# the distillation losses measured faster than the Triton ones (Triton's Python launch costs about
+# 45 us a kernel), while Triton's attention beats the CUDA one (bench/results/history.md, H100).
+AUTO_PREFERENCE = {
+    "pixelwise": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
+    "pairwise": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
+    "attention": {"cpu": ("cpu",), "cuda": ("triton", "cuda")},
+}
+
+# `auto` on problems of at most this size runs the op's reference formula under autograd instead
+# of a backend: for attention, N positions whose whole map is one tile (64 KB in float32 per image),
+# where the platform's batched GEMM and softmax beat our kernels (the official discriminator's
+# blocks see N = 64 and 16) and autograd differentiates it exactly to any order.
+ONE_TILE = {"attention": 128}
+
+# The answer for the one-tile rule: not a backend, the reference formula.
+REFERENCE = "reference"
+
+# Each op's pass API: the functions its op module calls, with the signatures that op module states.
+PASS_API = {
+    "pixelwise": ("loss_and_grad",),
+    "pairwise": ("nodes_forward", "nodes_backward", "centre", "centre_pair"),
+    "attention": ("forward", "backward", "double_backward"),
+}
+
+# Passes a backend takes from the `torch` backend: Triton has no attention double-backward kernel
+# yet (the stock one is exact and O(N * C) in memory); the low-rank centring is fused on the CPU only.
+_BORROWED_FROM_TORCH = {
+    ("attention", "triton"): ("double_backward",),
+    ("pairwise", "triton"): ("centre", "centre_pair"),
+    ("pairwise", "cuda"): ("centre", "centre_pair"),
+}
+
+_choices: dict[tuple, str] = {}
+_environment: dict[str, str] | None = None
+
+
+def reset() -> None:
+    """Forget every choice and the environment read at the first resolve."""
+    global _environment
+    _choices.clear()
+    _environment = None
+    passes.cache_clear()
+
+
+def _env(name: str) -> str:
+    global _environment
+    if _environment is None:
+        _environment = {key: os.environ.get(key, "") for key in ("SKD_BACKEND", "TRITON_INTERPRET")}
+    return _environment[name]
+
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env("TRITON_INTERPRET") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,10 +87,8 @@ def triton_available() -> bool:
 def _serves(backend: str, device_type: str) -> bool:
     if backend == "torch":
         return True
-    if backend == "cpu":
-        return device_type == "cpu"
-    if backend == "cuda":
-        return device_type == "cuda"
+    if backend in ("cpu", "cuda"):
+        return device_type == backend
     return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
 
 
@@ -39,8 +96,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can serve tensors on `device` here (compiled ones may still fall back to
     `torch` at first use if their build fails; that is warned about then)."""
     device_type = torch.device(device).type
-    names = [b for b in BACKENDS if _serves(b, device_type)]
-    return [b for b in names if b != "triton" or triton_available()]
+    return [b for b in BACKENDS if _serves(b, device_type) and (b != "triton" or triton_available())]
 
 
 def _constant_to_torch_compile(fn):
@@ -51,50 +107,38 @@ def _constant_to_torch_compile(fn):
     return fn
 
 
-# `auto` on a GPU: the first of these that is there. Triton by default; an op whose CUDA kernels
-# measured faster passes ("cuda", "triton").
-GPU_PREFERENCE = ("triton", "cuda")
-
-
 @_constant_to_torch_compile
-def resolve_backend(device_type: str, requested: str | None = None, gpu_preference: tuple = GPU_PREFERENCE) -> str:
-    """The backend that will run an op on `device_type` tensors, or a ValueError saying why none can.
+def resolve(op: str, device_type: str, requested: str | None = None, size: int = 0) -> str:
+    """The backend that runs `op` on `device_type` tensors, or REFERENCE (the one-tile rule), or a
+    ValueError saying why none can. `size`: the problem size ONE_TILE compares (attention: N).
 
     A compiled backend (`cpu`, `cuda`) is built here at first use; if that fails the loader has
-    warned once, naming the cause, and the answer is `torch` (or, for `auto` on a GPU, the next of
-    `gpu_preference`). Constant to torch.compile.
+    warned once, naming the cause, and the answer is `torch` (or, for `auto` on a GPU, the next
+    preferred backend). Cached; constant to torch.compile.
     """
-    name = _requested_backend(device_type, requested)
-    if name == "auto-gpu":
-        return _first_gpu_backend(gpu_preference)
-    if name in ("cpu", "cuda"):
-        from ._extension import load_extension
-
-        if load_extension(name) is None:
-            return "torch"
-    return name
+    one_tile = size <= ONE_TILE.get(op, -1)
+    key = (op, device_type, requested, one_tile)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _choose(op, device_type, requested, one_tile)
+    return choice
 
 
-def _first_gpu_backend(preference: tuple) -> str:
-    from ._extension import _missing_tool, load_extension
-
-    for name in preference:
-        if name == "triton" and triton_available():
-            return name
-        # Without the tools there is nothing to build: skip silently; a failed build warns.
-        if name == "cuda" and _missing_tool("cuda") is None and load_extension("cuda") is not None:
-            return name
-    return "torch"
-
-
-def _requested_backend(device_type: str, requested: str | None) -> str:
+def _choose(op: str, device_type: str, requested: str | None, one_tile: bool) -> str:
     source = "backend="
     if requested is None:
-        requested, source = os.environ.get("SKD_BACKEND") or "auto", "SKD_BACKEND="
+        requested, source = _env("SKD_BACKEND") or "auto", "SKD_BACKEND="
     if requested == "auto":
-        if device_type == "cuda":
-            return "auto-gpu"
-        return "cpu" if device_type == "cpu" else "torch"
+        if one_tile:
+            return REFERENCE
+        return _first_buildable(AUTO_PREFERENCE[op].get(device_type, ()))
+    _check_request(requested, source, device_type)
+    if requested in ("cpu", "cuda") and _extension_module(requested) is None:
+        return "torch"
+    return requested
+
+
+def _check_request(requested: str, source: str, device_type: str) -> None:
     if requested not in BACKENDS:
         raise ValueError(f"{source}{requested!r} is not a backend; choose from auto, {', '.join(BACKENDS)}")
     if not _serves(requested, device_type):
@@ -104,4 +148,43 @@ def _requested_backend(device_type: str, requested: str | None) -> str:
             f"backends for {device_type}: {', '.join(available_backends(device_type))}")
     if requested == "triton" and not triton_available():
         raise ValueError(f"{source}'triton' was asked for but Triton is not installed")
-    return requested
+
+
+def _first_buildable(preference: tuple) -> str:
+    for name in preference:
+        if name == "triton" and triton_available():
+            return name
+        if name in ("cpu", "cuda") and _buildable(name) and _extension_module(name) is not None:
+            return name
+    return "torch"
+
+
+def _buildable(kind: str) -> bool:
+    # For `auto`, no tools means nothing to build: skip silently (a failed build does warn).
+    from ._extension import missing_tool
+
+    return kind == "cpu" or missing_tool(kind) is None
+
+
+def _extension_module(kind: str):
+    from ._extension import load_extension
+
+    return load_extension(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def passes(op: str, backend: str) -> types.SimpleNamespace:
+    """The pass functions of `op` on `backend` (PASS_API), loaded once."""
+    if backend in ("torch", "triton"):
+        package = "pytorch" if backend == "torch" else "triton"
+        source = importlib.import_module(f"{__package__}.{package}.{op}")
+    else:
+        module = _extension_module(backend)
+        if module is None:
+            raise RuntimeError(f"skd_kernels: the {backend} backend could not be built (see the warning above)")
+        from . import compiled
+
+        source = compiled.PASSES[op](module, backend)
+    borrowed = _BORROWED_FROM_TORCH.get((op, backend), ())
+    table = {name: getattr(passes(op, "torch") if name in borrowed else source, name) for name in PASS_API[op]}
+    return types.SimpleNamespace(**table)

@@ -1,7 +1,7 @@
 """The losses written plainly, as the paper and the official repository state them.
 
-This module is the specification that every fused backend is tested against, and the `torch`
-backend. It materialises whatever the formulas materialise; nothing fast lives here. Half-precision
+This module is the specification that every backend is tested against (the derivations:
+docs/ops/). It materialises whatever the formulas materialise; nothing fast lives here. Half-precision
 inputs are computed in float32, so the loss is float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 PIXELWISE_FORMS = ("official", "kl", "cvpr")
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """Every op computes and returns its loss in float32, or float64 for float64 input."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -20,7 +21,7 @@ def pixelwise_official(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     """The official CriterionPixelWise (master): soft-target cross-entropy over classes, summed over
     pixels and the batch, divided by H*W. Logits (B, K, H, W), flattened to (B*H*W, K) as it does."""
     b, k, h, w = student.shape
-    dtype = _compute_dtype(student)
+    dtype = accumulation_dtype(student)
     flat_s = student.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, k)
     flat_t = teacher.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, k)
     return torch.sum(-F.softmax(flat_t, dim=1) * F.log_softmax(flat_s, dim=1)) / (h * w)
@@ -28,7 +29,7 @@ def pixelwise_official(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
 
 def pixelwise_kl_map(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
     """KL(q_t || q_s) per pixel, q = softmax(logits / tau) over classes: (B, K, H, W) -> (B, H, W)."""
-    dtype = _compute_dtype(student)
+    dtype = accumulation_dtype(student)
     log_q_s = F.log_softmax(student.to(dtype) / tau, dim=1)
     log_q_t = F.log_softmax(teacher.to(dtype) / tau, dim=1)
     return torch.sum(log_q_t.exp() * (log_q_t - log_q_s), dim=1)
@@ -62,17 +63,17 @@ def pixelwise_distill_reference(student, teacher, labels=None, *, form="official
 
 # --- pair-wise -----------------------------------------------------------------------------------
 
-def pairwise_nodes(features: torch.Tensor, kernel: tuple, pooling: str) -> torch.Tensor:
-    """Pool (B, C, H, W) features into nodes with kernel = stride = `kernel`, ceil_mode=True and no
-    padding (partial windows at the border are nodes too): (B, C, H', W')."""
-    if pooling == "none" or tuple(kernel) == (1, 1):
+def pairwise_nodes(features: torch.Tensor, window: tuple, pooling: str) -> torch.Tensor:
+    """Pool (B, C, H, W) features into nodes with pooling window = stride = `window`, ceil_mode=True
+    and no padding (partial windows at the border are nodes too): (B, C, H', W')."""
+    if pooling == "none" or tuple(window) == (1, 1):
         return features
     if pooling == "max":
-        return F.max_pool2d(features, kernel, stride=kernel, padding=0, ceil_mode=True)
-    return F.avg_pool2d(features, kernel, stride=kernel, padding=0, ceil_mode=True)
+        return F.max_pool2d(features, window, stride=window, padding=0, ceil_mode=True)
+    return F.avg_pool2d(features, window, stride=window, padding=0, ceil_mode=True)
 
 
-def official_pairwise_kernel(teacher_features: torch.Tensor, scale: float) -> tuple:
+def official_pairwise_window(teacher_features: torch.Tensor, scale: float) -> tuple:
     """The official node size: (int(H * scale), int(W * scale)) of the teacher's map."""
     h, w = teacher_features.shape[-2:]
     return int(h * scale), int(w * scale)
@@ -85,7 +86,7 @@ def node_similarity(nodes: torch.Tensor, normalization: str) -> torch.Tensor:
     ``official``: f / (||f|| + 1e-8) with the norm detached (the official code);
     ``paper``: f / max(||f||, 1e-12) with the gradient through the norm (F.normalize, as CIRKD).
     """
-    x = nodes.to(_compute_dtype(nodes)).flatten(2)  # (B, C, M)
+    x = nodes.to(accumulation_dtype(nodes)).flatten(2)  # (B, C, M)
     if normalization == "official":
         x = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt().detach() + 1e-8)
     else:
@@ -99,19 +100,19 @@ def pairwise_distill_reference(student, teacher, *, scale=None, node_size=None, 
     sum over images and node pairs of (a_ij^s - a_ij^t)^2, divided by M^2 and by B.
 
     Features (B, Cs, H, W) and (B, Ct, H, W), Cs != Ct allowed. Nodes: windows of
-    `official_pairwise_kernel(teacher, scale)` (the official module) or of `node_size`
+    `official_pairwise_window(teacher, scale)` (the official module) or of `node_size`
     (an int or a pair), or every position when both are None.
     With scale=0.5, pooling="max", normalization="official" this is the official
     CriterionPairWiseforWholeFeatAfterPool.
     """
     if scale is not None:
-        kernel = official_pairwise_kernel(teacher, scale)
+        window = official_pairwise_window(teacher, scale)
     elif node_size is not None:
-        kernel = (node_size, node_size) if isinstance(node_size, int) else tuple(node_size)
+        window = (node_size, node_size) if isinstance(node_size, int) else tuple(node_size)
     else:
-        kernel = (1, 1)
-    sim_s = node_similarity(pairwise_nodes(student, kernel, pooling), normalization)
-    sim_t = node_similarity(pairwise_nodes(teacher, kernel, pooling), normalization)
+        window = (1, 1)
+    sim_s = node_similarity(pairwise_nodes(student, window, pooling), normalization)
+    sim_t = node_similarity(pairwise_nodes(teacher, window, pooling), normalization)
     nodes = sim_s.shape[-1]
     return ((sim_t - sim_s) ** 2).sum() / nodes**2 / student.shape[0]
 
@@ -125,7 +126,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     q, k: (B, N, Dk); v: (B, N, Dv). Returns (B, N, Dv) in the inputs' dtype, computed in float32
     (float64 for float64 input). Differentiable to any order by autograd.
     """
-    acc = _compute_dtype(q)
+    acc = accumulation_dtype(q)
     energy = torch.bmm(q.to(acc), k.to(acc).transpose(1, 2))  # (B, N, N)
     attention = torch.softmax(energy, dim=-1)
     return torch.bmm(attention, v.to(acc)).to(q.dtype)

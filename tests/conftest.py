@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from skd_kernels import backends
 from skd_kernels.backends import triton_available, triton_interpreting
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +29,14 @@ TOLERANCES = {
     torch.float16: dict(loss_rtol=2e-6, loss_atol=2e-6, grad_rtol=1e-3, grad_atol=2.0**-24),
     torch.bfloat16: dict(loss_rtol=2e-6, loss_atol=2e-6, grad_rtol=8e-3, grad_atol=0.0),
 }
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend_choice():
+    """Backend choices are cached and SKD_BACKEND is read once: each test starts without either."""
+    backends.reset()
+    yield
+    backends.reset()
 
 
 def backend_device(backend: str) -> torch.device:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import skd_kernels as sk
-from skd_kernels.ops import attention as ops
+from skd_kernels.backends import ONE_TILE
 from skd_kernels.reference import attention_reference
 
 from conftest import CPU_BACKENDS_HERE, backend_device, run_python
@@ -255,7 +255,7 @@ def test_cpu_kernel_paths_match_fp64_reference(threads):
         assert_close(a, b, torch.float64, energy_factor(q, k), name)
 
 
-@pytest.mark.parametrize("n", [64, ops.ONE_TILE + 1])
+@pytest.mark.parametrize("n", [64, ONE_TILE["attention"] + 1])
 def test_automatic_choice_uses_one_platform_tile_only_up_to_one_tile(n, monkeypatch):
     """Small maps (the official discriminator's N = 64 and 16) run as one tile on the platform GEMM;
     larger ones on the tiled kernels; both agree with an explicit backend."""
@@ -264,5 +264,5 @@ def test_automatic_choice_uses_one_platform_tile_only_up_to_one_tile(n, monkeypa
     q, k, v = (torch.randn(2, n, d, generator=g, dtype=torch.float64) for d in (4, 4, 6))
     auto = sk.fused_attention(q.requires_grad_(), k, v)
     one_tile = type(auto.grad_fn).__name__.startswith("Bmm")
-    assert one_tile == (n <= ops.ONE_TILE)
+    assert one_tile == (n <= ONE_TILE["attention"])
     assert torch.allclose(auto, sk.fused_attention(q, k, v, backend="cpu"), rtol=1e-12, atol=1e-12)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import skd_kernels as sk
-from skd_kernels.ops import pairwise as ops
-from skd_kernels.ops import pairwise_core as core
+from skd_kernels.backends import passes
+from skd_kernels.ops.pairwise import core, lowrank, onednn, types
 from skd_kernels.reference import pairwise_distill_reference
 
 from conftest import CPU_BACKENDS_HERE, assert_grad_close, backend_device, run_python
@@ -24,7 +24,7 @@ CONFIGS = {
     "every_position_paper": dict(normalization="paper"),
 }
 # Against the float64 reference on the same (rounded) inputs. The core runs in float64, or in
-# float32 when its estimated relative error is below core.FLOAT32_LOSS_RTOL (CPU, non-fp64 input);
+# float32 when its estimated relative error is below lowrank.FLOAT32_LOSS_RTOL (CPU, non-fp64 input);
 # the loss is returned in float32, the gradients in the input dtype (fp16/bf16 rounding; fp16
 # gradients of a mean over M^2 pairs can be subnormal, spacing 2^-24).
 LOSS_RTOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
@@ -191,7 +191,12 @@ FEATURE_FAMILIES = {
 }
 
 
-ONEDNN_HERE = core._onednn_float32(torch.ones(1))
+ONEDNN_HERE = onednn._onednn_float32(torch.ones(1))
+
+
+def stock_centring():
+    """The low-rank core's centring as every backend but the CPU one does it."""
+    return core.Centring(passes("pairwise", "torch"))
 
 
 def family_nodes(family, seed=7):
@@ -208,18 +213,18 @@ def test_float32_core_is_kept_only_within_its_error_bound(family, gemm, form, mo
     with its float32 products on oneDNN (CPU) or on bmm (every other device); by its own choice of
     form (the difference form for Cs == Ct) or by the plain form alone."""
     if gemm == "bmm":
-        monkeypatch.setattr(core, "_onednn_float32", lambda x: False)
+        monkeypatch.setattr(onednn, "_onednn_float32", lambda x: False)
     elif not ONEDNN_HERE:
         pytest.skip("oneDNN float32 matmul not available")
     if form == "plain":
-        monkeypatch.setitem(core._FORMS, "difference", (core._plain_form,))
+        monkeypatch.setitem(lowrank._FORMS, "difference", (lowrank._plain_form,))
     us, ut = family_nodes(family)
-    exact, dus, dut = core.similarity_core(us, ut, "lowrank", True, True)
-    adaptive, dus32, dut32 = core.similarity_core(us, ut, "lowrank", True, True, try_float32=True)
-    tiled, dus_tiled, dut_tiled = core.similarity_core(us, ut, "tiled", True, True)
+    exact, dus, dut = core.similarity_core(us, ut, "lowrank", True, True, stock_centring())
+    adaptive, dus32, dut32 = core.similarity_core(us, ut, "lowrank", True, True, stock_centring(), try_float32=True)
+    tiled, dus_tiled, dut_tiled = core.similarity_core(us, ut, "tiled", True, True, stock_centring())
     dus, dus32, dus_tiled = dus.dense(), dus32.dense(), dus_tiled.dense()
     dut, dut32, dut_tiled = dut.dense(), dut32.dense(), dut_tiled.dense()
-    assert abs(float(adaptive) - float(exact)) <= core.FLOAT32_LOSS_RTOL * float(exact)
+    assert abs(float(adaptive) - float(exact)) <= lowrank.FLOAT32_LOSS_RTOL * float(exact)
     assert (dus32 - dus).abs().max() <= 1e-4 * dus.abs().max()
     assert (dut32 - dut).abs().max() <= 1e-4 * dut.abs().max()
     # Between the two float64 algorithms: the tiled one's D = A^s - A^t loses as many digits as the
@@ -235,27 +240,26 @@ def test_difference_form_stays_float32_where_the_plain_form_cannot(family):
     """Student ~= teacher: the plain form's float32 estimate refuses (its error scales with ||R||^2),
     the difference form's accepts (it scales with ||Rs - Rt||), and it is right."""
     us, ut = family_nodes(family)
-    centres = (core.centre_nodes, core.centre_pair_nodes)
-    assert core._plain_form(us, ut, torch.float32, core.FLOAT32_LOSS_RTOL, True, True, *centres) is None
-    kept = core._difference_form(us, ut, torch.float32, core.FLOAT32_LOSS_RTOL, True, True, *centres)
+    assert lowrank._plain_form(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring()) is None
+    kept = lowrank._difference_form(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring())
     assert kept is not None
     loss, grad_s, grad_t = kept
-    tiled, dus, dut = core.similarity_core(us, ut, "tiled", True, True)
-    assert abs(float(loss) - float(tiled)) <= core.FLOAT32_LOSS_RTOL * float(tiled)
+    tiled, dus, dut = core.similarity_core(us, ut, "tiled", True, True, stock_centring())
+    assert abs(float(loss) - float(tiled)) <= lowrank.FLOAT32_LOSS_RTOL * float(tiled)
     for got, ref in ((grad_s.dense(), dus.dense()), (grad_t.dense(), dut.dense())):
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_difference_centring_matches_stock_pytorch(dtype):
-    """csrc/cpu/pairwise.cpp `pairwise_centre_pair` against `centre_pair_nodes`."""
+    """csrc/cpu/pairwise.cpp `pairwise_centre_pair` against the stock-PyTorch centring."""
     backend_device("cpu")
     g = torch.Generator().manual_seed(3)
     us, ut = torch.randn(2, 5, 37, generator=g, dtype=torch.float64), torch.randn(2, 5, 37, generator=g, dtype=torch.float64)
-    fused = ops._centre_pair_cpu(us, ut, torch.empty(2, 10, 37, dtype=dtype))
-    stock = core.centre_pair_nodes(us, ut, dtype)
+    fused = passes("pairwise", "cpu").centre_pair(us, ut, torch.empty(2, 10, 37, dtype=dtype))
+    stock = passes("pairwise", "torch").centre_pair(us, ut, torch.empty(2, 10, 37, dtype=dtype))
     rtol = 1e-6 if dtype == torch.float32 else 1e-12
-    for name, got, ref in zip(core.CentredPair._fields, fused, stock):
+    for name, got, ref in zip(types.CentredPair._fields, fused, stock):
         assert got.dtype == ref.dtype, name
         assert torch.allclose(got, ref, rtol=rtol, atol=rtol * float(ref.abs().max())), name
 
@@ -267,11 +271,11 @@ def test_onednn_products_only_at_full_float32_precision():
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        assert not core._onednn_float32(torch.ones(1))
+        assert not onednn._onednn_float32(torch.ones(1))
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert core._onednn_float32(torch.ones(1))
-    assert not core._onednn_float32(torch.ones(1, dtype=torch.float64))
+    assert onednn._onednn_float32(torch.ones(1))
+    assert not onednn._onednn_float32(torch.ones(1, dtype=torch.float64))
 
 
 def test_a_torch_whose_onednn_linear_fails_falls_back_to_bmm(monkeypatch):
@@ -280,15 +284,15 @@ def test_a_torch_whose_onednn_linear_fails_falls_back_to_bmm(monkeypatch):
     def broken(x, w):
         raise RuntimeError("mkldnn::_linear_pointwise() expected at most 5 arguments")
 
-    monkeypatch.setattr(core, "_linear", broken)
-    core._onednn_linear_works.cache_clear()
+    monkeypatch.setattr(onednn, "_linear", broken)
+    onednn._onednn_linear_works.cache_clear()
     try:
-        assert not core._onednn_float32(torch.ones(1))
+        assert not onednn._onednn_float32(torch.ones(1))
         student, teacher = make_features((2, 16, 16, 9, 9), torch.float32, "cpu", seed=11, relu=True)
         assert_close(*fused_and_reference(student, teacher, "cpu", dict(algorithm="lowrank")), torch.float32)
     finally:
         monkeypatch.undo()
-        core._onednn_linear_works.cache_clear()
+        onednn._onednn_linear_works.cache_clear()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from skd_kernels.reference import official_pairwise_kernel, pairwise_distill_reference
+from skd_kernels.reference import official_pairwise_window, pairwise_distill_reference
 
 
 def loop_loss(nodes_s, nodes_t, detach_norm=True):
@@ -26,7 +26,7 @@ def loop_loss(nodes_s, nodes_t, detach_norm=True):
 
 def test_official_scale_gives_three_by_three_nodes_on_65x65_features():
     teacher = torch.randn(1, 4, 65, 65)
-    assert official_pairwise_kernel(teacher, 0.5) == (32, 32)
+    assert official_pairwise_window(teacher, 0.5) == (32, 32)
     pooled = torch.nn.functional.max_pool2d(teacher, (32, 32), stride=(32, 32), ceil_mode=True)
     assert pooled.shape[-2:] == (3, 3)  # windows of 32, 32 and 1 pixel
 
@@ -35,7 +35,7 @@ def test_official_form_matches_loops_over_ceil_mode_max_pooled_nodes():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 3, 9, 7, generator=g, dtype=torch.float64), torch.randn(
         2, 5, 9, 7, generator=g, dtype=torch.float64)
-    kernel = official_pairwise_kernel(teacher, 0.5)  # (4, 3): partial windows at both borders
+    kernel = official_pairwise_window(teacher, 0.5)  # (4, 3): partial windows at both borders
     pool = lambda x: torch.nn.functional.max_pool2d(x, kernel, stride=kernel, ceil_mode=True)  # noqa: E731
     expected = loop_loss(pool(student), pool(teacher))
     got = pairwise_distill_reference(student, teacher, scale=0.5)

@@ -16,26 +16,26 @@ from __future__ import annotations
 
 import torch
 
-
-def loss_dtype(x: torch.Tensor) -> torch.dtype:
-    """The loss is float32, float64 for float64 input."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..reference import accumulation_dtype
 
 
-def fake_outputs(student, teacher, grad_student: bool, grad_teacher: bool):
+def _fake_outputs(student, teacher, *options_and_flags):
     """Shapes and dtypes of the op's outputs, for tracing."""
+    grad_student, grad_teacher = options_and_flags[-3], options_and_flags[-2]
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
-    return (student.new_empty((), dtype=loss_dtype(student)),
+    return (student.new_empty((), dtype=accumulation_dtype(student)),
             torch.empty_like(student) if grad_student else empty,
             torch.empty_like(teacher) if grad_teacher else empty.clone())
 
 
-def register_fused_gradient_autograd(op, reference_loss, kernels: dict):
-    """Registers the autograd of `op` and returns the function to call it with (same arguments).
+def register_fused_gradient_op(op, fused_forward, reference_loss):
+    """Registers the fake and the autograd of `op`, whose body is `fused_forward`, and returns the
+    function to call it with (the op's arguments).
 
-    `reference_loss(student, teacher, *options)` is its reference; `kernels` maps a device type to the
-    kernel registered for it, which eager calls run directly.
+    `fused_forward(student, teacher, *options, grad_student, grad_teacher, backend)` returns the op's
+    outputs; `reference_loss(student, teacher, *options)` is its reference, for double backward.
     """
+    op.register_fake(_fake_outputs)
 
     def setup_context(ctx, inputs, output):
         _, gs, gt = output
@@ -79,7 +79,7 @@ def register_fused_gradient_autograd(op, reference_loss, kernels: dict):
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = kernels[inputs[0].device.type](*inputs)
+            output = fused_forward(*inputs)
             setup_context(ctx, inputs, output)
             return output
 
@@ -88,10 +88,10 @@ def register_fused_gradient_autograd(op, reference_loss, kernels: dict):
             return backward(ctx, grad_loss, grad_gs, grad_gt)
 
     def call(*inputs):
-        if torch.compiler.is_compiling() or inputs[0].device.type not in kernels:
+        if torch.compiler.is_compiling():
             return op(*inputs)
         if not (torch.is_grad_enabled() and (inputs[0].requires_grad or inputs[1].requires_grad)):
-            return kernels[inputs[0].device.type](*inputs)
+            return fused_forward(*inputs)
         return Eager.apply(*inputs)
 
     return call

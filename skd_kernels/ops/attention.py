@@ -1,4 +1,5 @@
-"""Fused SAGAN self-attention: input checks, backend dispatch, torch.library ops and their autograd.
+"""Fused SAGAN self-attention: input checks, torch.library ops and their autograd. The math, the
+double backward's derivation included: docs/ops/attention.md.
 
 Three ops, each a pass over the attention map one tile of rows at a time (never N x N):
   skd::attention_forward(q, k, v)                        -> (out, lse)
@@ -6,8 +7,8 @@ Three ops, each a pass over the attention map one tile of rows at a time (never 
   skd::attention_double_backward(q, k, v, lse, dout, gq, gk, gv) -> (grad q, grad k, grad v, grad dout)
 The forward's autograd calls attention_backward; attention_backward's autograd calls
 attention_double_backward, so `torch.autograd.grad(..., create_graph=True)` followed by a second
-backward (a gradient penalty) is exact and memory-lean. The math of every pass is written out in
-`attention_chunked.py`. A third derivative falls back to differentiating the reference.
+backward (a gradient penalty) is exact and memory-lean. A third derivative falls back to
+differentiating the reference.
 
 Arithmetic is float32 for float32/float16/bfloat16 input and float64 for float64: half inputs are
 converted once to float32 (O(N*C) memory) and results rounded back to the input dtype. `lse` is
@@ -15,16 +16,13 @@ returned in the accumulation dtype.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .. import _validation as check
-from .._extension import load_extension
-from ..backends import resolve_backend
-from ..reference import attention_reference
-from . import attention_chunked
+from ..backends import REFERENCE, passes, resolve
+from ..reference import accumulation_dtype, attention_reference
 
 
 def _check_inputs(q, k, v) -> None:
@@ -45,13 +43,6 @@ def _check_inputs(q, k, v) -> None:
     check.check_finite("v", v)
 
 
-# At or below this many positions the whole map is one tile (64 KB in float32 per image): with the
-# automatic backend choice it is then computed by the platform's batched GEMM and softmax, which beat
-# our kernels there (the official discriminator's blocks see N = 64 and 16), and differentiated by
-# autograd, exactly, to any order. An explicit backend always runs its kernels.
-ONE_TILE = 128
-
-
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     backend: Optional[str] = None) -> torch.Tensor:
     """SAGAN attention without the N x N map: out[b, i] = sum_j softmax_j(q[b, i] . k[b, j]) v[b, j]
@@ -59,65 +50,26 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     Args:
         q, k: (B, N, Dk); v: (B, N, Dv); float32/float16/bfloat16/float64, same dtype and device.
-        backend: ``"torch"`` (row-block PyTorch), ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"auto"``;
-            default: SKD_BACKEND or auto.
+        backend: ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"auto"``; default: SKD_BACKEND
+            or auto.
 
     Returns:
         out (B, N, Dv) in the inputs' dtype. Differentiable twice exactly (gradient penalties);
         memory O(B * N * (Dk + Dv)) plus one tile of the map, forward and backward. With the
-        automatic choice and N <= ONE_TILE the map is that one tile (see ONE_TILE).
+        automatic choice and N <= backends.ONE_TILE the map is that one tile, computed by the
+        reference formula under autograd.
     """
     _check_inputs(q, k, v)
-    if q.shape[1] <= ONE_TILE and backend in (None, "auto") and not os.environ.get("SKD_BACKEND"):
+    name = resolve("attention", q.device.type, backend, size=q.shape[1])
+    if name == REFERENCE:
         return attention_reference(q, k, v)
-    name = resolve_backend(q.device.type, backend)
     out, _ = attention_forward(q, k, v, name)
     return out
 
 
-# --- backend passes, all on contiguous tensors in the accumulation dtype ------------------------
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _acc(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The passes take contiguous tensors in the accumulation dtype."""
     return None if x is None else x.to(dtype).contiguous()
-
-
-class _ExtensionPasses:
-    """The C++ (cpu) or CUDA extension's entry points behind the passes' Python signature."""
-
-    def __init__(self, backend: str):
-        self.module = load_extension(backend)
-        if self.module is None:
-            raise RuntimeError(f"skd::attention: the {backend} backend could not be built (see the warning)")
-
-    def forward(self, q, k, v):
-        out = q.new_empty((*q.shape[:2], v.shape[2]))
-        lse = q.new_empty(q.shape[:2])
-        self.module.attention_forward(q, k, v, out, lse)
-        return out, lse
-
-    def backward(self, q, k, v, lse, dout):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        self.module.attention_backward(q, k, v, lse, dout, dq, dk, dv)
-        return dq, dk, dv
-
-    def double_backward(self, q, k, v, lse, dout, gq, gk, gv):
-        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dout))
-        self.module.attention_double_backward(q, k, v, lse, dout, gq, gk, gv, *grads)
-        return grads
-
-
-def _passes(backend: str):
-    if backend == "torch":
-        return attention_chunked
-    if backend == "triton":
-        from ..triton import attention as triton_attention
-
-        return triton_attention
-    return _ExtensionPasses(backend)
 
 
 # --- the ops --------------------------------------------------------------------------------------
@@ -126,14 +78,14 @@ def _passes(backend: str):
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated input -> (out (B, N, Dv) in the input dtype, row log-sum-exp (B, N), accumulation dtype)."""
-    acc = _acc_dtype(q)
-    out, lse = _passes(backend).forward(_acc(q, acc), _acc(k, acc), _acc(v, acc))
+    acc = accumulation_dtype(q)
+    out, lse = passes("attention", backend).forward(_acc(q, acc), _acc(k, acc), _acc(v, acc))
     return out.to(q.dtype), lse
 
 
 @attention_forward.register_fake
 def _(q, k, v, backend):
-    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty(q.shape[:2], dtype=_acc_dtype(q))
+    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty(q.shape[:2], dtype=accumulation_dtype(q))
 
 
 @torch.library.custom_op("skd::attention_backward", mutates_args=())
@@ -144,8 +96,9 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     `out` is unused by the kernels (they form D_i = dout_i . out_i from the recomputed map, which is
     exact even when `out` was rounded to half precision); it is an input so that the op's
     signature says what the result depends on."""
-    acc = _acc_dtype(q)
-    grads = _passes(backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, acc), _acc(dout, acc))
+    acc = accumulation_dtype(q)
+    grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, acc),
+                                                  _acc(dout, acc))
     return tuple(g.to(q.dtype) for g in grads)
 
 
@@ -161,9 +114,9 @@ def attention_double_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients with respect to (q, k, v, dout) of <gq, dq> + <gk, dk> + <gv, dv>, where (dq, dk, dv)
     is attention_backward's result; gq, gk (B, N, Dk), gv (B, N, Dv) or None for zero."""
-    acc = _acc_dtype(q)
-    grads = _passes(backend).double_backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, acc),
-                                             _acc(dout, acc), _acc(gq, acc), _acc(gk, acc), _acc(gv, acc))
+    acc = accumulation_dtype(q)
+    inputs = (_acc(x, acc) for x in (q, k, v, lse, dout, gq, gk, gv))
+    grads = passes("attention", backend).double_backward(*inputs)
     return tuple(g.to(q.dtype) for g in grads)
 
 

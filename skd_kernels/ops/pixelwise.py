@@ -1,4 +1,5 @@
-"""Pixel-wise distillation: input checks, backend dispatch, torch.library op and its autograd.
+"""Pixel-wise distillation: input checks, the torch.library op and its autograd. The math:
+docs/ops/pixelwise.md.
 
 The op `skd::pixelwise_distill` runs one fused kernel that reads S and T once and returns the loss
 together with the gradients of the loss with respect to S (and T when it requires grad), already
@@ -13,15 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validation as check
-from .._extension import load_extension
-from ..backends import resolve_backend
-from ..reference import PIXELWISE_FORMS, pixelwise_distill_reference
-from ._fused_gradient import fake_outputs, loss_dtype, register_fused_gradient_autograd
+from ..backends import passes, resolve
+from ..reference import PIXELWISE_FORMS, accumulation_dtype, pixelwise_distill_reference
+from ._fused_gradient import register_fused_gradient_op
 
 _KL_FORMS = ("kl", "cvpr")  # forms whose per-pixel loss is a KL divergence; `official` is soft CE
-
-# `auto` on a GPU: the CUDA kernels measured faster than the Triton ones (bench/results/*_cuda.csv, H100).
-_GPU_PREFERENCE = ("cuda", "triton")
 
 def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student):
     check.check_float_tensor("student", student, 4, "(B, K, H, W)")
@@ -73,17 +70,14 @@ def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
         The loss, a 0-d float32 tensor (float64 for float64 logits). With every pixel ignored it is 0.
     """
     student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student)
-    name = resolve_backend(student.device.type, backend, gpu_preference=_GPU_PREFERENCE)
-    if name == "torch":
-        return pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
-                                           tau_squared=tau_squared, ignore_index=ignore_index)
+    name = resolve("pixelwise", student.device.type, backend)
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = _call(student, teacher, labels, int(ignore_index), tau, form, bool(tau_squared),
                        grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad, name)
     return loss
 
 
-def _form_scale(student, labels, ignore_index, tau, form, tau_squared) -> torch.Tensor:
+def _form_constant(student, labels, ignore_index, tau, form, tau_squared) -> torch.Tensor:
     """The form's constant as a 0-d float64 tensor on the logits' device (no host sync)."""
     b, k, h, w = student.shape
     if form == "official":
@@ -95,28 +89,16 @@ def _form_scale(student, labels, ignore_index, tau, form, tau_squared) -> torch.
     return constant / valid.clamp(min=1).to(torch.float64)
 
 
-def _launch(backend: str, *args) -> None:
-    if backend == "triton":
-        from ..triton.pixelwise import pixelwise_forward
-
-        return pixelwise_forward(*args)
-    module = load_extension(backend)
-    if module is None:
-        raise RuntimeError(f"skd::pixelwise_distill: the {backend} backend could not be built (see the warning)")
-    student, teacher, labels, ignore_index, inv_tau, kl, scale, pixel_loss, gs, gt = args
-    module.pixelwise_forward(student, teacher, labels, ignore_index, inv_tau, int(kl), scale, pixel_loss, gs, gt)
-
-
 def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student,
                    grad_teacher, backend):
     b, _, h, w = student.shape
-    scale = _form_scale(student, labels, ignore_index, tau, form, tau_squared)
+    constant = _form_constant(student, labels, ignore_index, tau, form, tau_squared)
     pixel_loss = torch.empty((b, h, w), dtype=torch.float64, device=student.device)
     gs = torch.empty_like(student) if grad_student else None
     gt = torch.empty_like(teacher) if grad_teacher else None
-    _launch(backend, student, teacher, labels, ignore_index, 1.0 / tau, form in _KL_FORMS, scale,
-            pixel_loss, gs, gt)
-    loss = (pixel_loss.sum() * scale).to(loss_dtype(student))
+    passes("pixelwise", backend).loss_and_grad(student, teacher, labels, ignore_index, 1.0 / tau,
+                                               form in _KL_FORMS, constant, pixel_loss, gs, gt)
+    loss = (pixel_loss.sum() * constant).to(accumulation_dtype(student))
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
 
@@ -126,30 +108,8 @@ def pixelwise_distill(student: torch.Tensor, teacher: torch.Tensor, labels: Opti
                       ignore_index: int, tau: float, form: str, tau_squared: bool, grad_student: bool,
                       grad_teacher: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused op on validated input: (loss, d loss/d student or empty, d loss/d teacher or empty)."""
-    raise NotImplementedError(f"skd::pixelwise_distill has no kernel for {student.device.type} tensors; "
-                              "use backend='torch'")
-
-
-def _device_kernel(device_type: str, backends: tuple):
-    def kernel(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student, grad_teacher,
-               backend):
-        if backend not in backends:
-            raise ValueError(f"skd::pixelwise_distill: backend {backend!r} cannot run on {device_type} tensors")
-        return _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student,
-                              grad_teacher, backend)
-
-    return kernel
-
-
-# triton on CPU tensors: the interpreter
-_KERNELS = {"cpu": _device_kernel("cpu", ("cpu", "triton")), "cuda": _device_kernel("cuda", ("cuda", "triton"))}
-for _device, _kernel in _KERNELS.items():
-    pixelwise_distill.register_kernel(_device)(_kernel)
-
-
-@pixelwise_distill.register_fake
-def _(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student, grad_teacher, backend):
-    return fake_outputs(student, teacher, grad_student, grad_teacher)
+    return _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student,
+                          grad_teacher, backend)
 
 
 def _reference(student, teacher, labels, ignore_index, tau, form, tau_squared):
@@ -157,4 +117,4 @@ def _reference(student, teacher, labels, ignore_index, tau, form, tau_squared):
                                        ignore_index=ignore_index)
 
 
-_call = register_fused_gradient_autograd(pixelwise_distill, _reference, _KERNELS)
+_call = register_fused_gradient_op(pixelwise_distill, _fused_forward, _reference)

@@ -6,20 +6,18 @@ log-sum-exp. Backward: a row kernel (two walks over the keys: D_i = sum_j P dP, 
 column kernel (BLOCK_N keys walk the queries: dk, dv), each recomputing P = exp(S - lse), so no
 atomics. Products use tl.dot with IEEE input precision: TF32 would break the fp32 contract.
 
-The double backward runs the row-block PyTorch passes (`ops/attention_chunked.py`) on the same
-tensors: it is exact and O(N * C) in memory, just not a Triton kernel.
+There is no Triton double backward yet: the backend table (`backends.py`) gives this backend the
+stock-PyTorch one (`pytorch/attention.py`), exact and O(N * C) in memory.
 
 Inputs are contiguous (B, N, D) in the accumulation dtype (float32, or float64).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ..ops.attention_chunked import double_backward  # noqa: F401  (the Triton backend's double backward)
+from .launch import on_device
 
 
 @triton.jit
@@ -146,17 +144,13 @@ def _blocks(q: torch.Tensor, v: torch.Tensor) -> dict:
                 BLOCK_DV=max(16, triton.next_power_of_2(v.shape[2])))
 
 
-def _guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k (B, N, Dk), v (B, N, Dv), contiguous, float32/float64 -> out (B, N, Dv), lse (B, N)."""
     b, n, d_k = q.shape
     out = q.new_empty((b, n, v.shape[2]))
     lse = q.new_empty((b, n))
     blocks = _blocks(q, v)
-    with _guard(q):
+    with on_device(q):
         _attention_forward_kernel[(triton.cdiv(n, blocks["BLOCK_M"]), b)](
             q, k, v, out, lse, n, d_k, v.shape[2], **blocks)
     return out, lse
@@ -169,7 +163,7 @@ def backward(q, k, v, lse, dout):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     row_d = q.new_empty((b, n))
     blocks = _blocks(q, v)
-    with _guard(q):
+    with on_device(q):
         _attention_backward_rows_kernel[(triton.cdiv(n, blocks["BLOCK_M"]), b)](
             q, k, v, lse, dout, dq, row_d, n, d_k, d_v, **blocks)
         _attention_backward_columns_kernel[(triton.cdiv(n, blocks["BLOCK_N"]), b)](

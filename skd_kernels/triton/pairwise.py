@@ -1,6 +1,6 @@
 """The two fused passes of pair-wise distillation in Triton: features -> normalised float64 nodes,
 and the gradient back from nodes to features. The similarity core between them is float64 GEMMs
-(see skd_kernels/ops/pairwise.py).
+(see skd_kernels/ops/pairwise/core.py).
 
 Small windows: one program owns BLOCK_N nodes of one image and loops over channel blocks, a
 (BLOCK_C, BLOCK_N) tile per window offset, so for node size 1 each load is a coalesced run along a
@@ -15,11 +15,11 @@ element written once (zero where a max window did not pick it).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import on_device
 
 _BLOCK_C = 32
 _BLOCK_N = 64
@@ -289,18 +289,13 @@ def _geometry(features, kernel_h, kernel_w):
     return b, c, h, w, nw, -(-h // kernel_h) * nw
 
 
-def _on_device(features):
-    """Launch on the features' GPU, whatever the current one is."""
-    return torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext()
-
-
 def _large_windows(kernel_h, kernel_w, pooling) -> bool:
     return pooling != 0 and kernel_h * kernel_w >= LARGE_WINDOW
 
 
 def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, strides, **constants):
     b, c, h, w, nw, m = _geometry(features, kernel_h, kernel_w)
-    with _on_device(features):
+    with on_device(features):
         kernel[(triton.cdiv(m, _BLOCK_N), b)](
             *tensors, c, h, w, nw, m, kernel_h, kernel_w, *strides, POOLING=pooling, PAPER=norm == 1,
             BLOCK_C=_BLOCK_C, BLOCK_N=_BLOCK_N, num_warps=4, **constants)
@@ -308,14 +303,14 @@ def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, stride
 
 def _launch_window(kernel, features, kernel_h, kernel_w, pooling, tensors, strides, **constants):
     b, c, h, w, nw, m = _geometry(features, kernel_h, kernel_w)
-    with _on_device(features):
+    with on_device(features):
         kernel[(m, triton.cdiv(c, _WINDOW_BLOCK_C), b)](
             *tensors, c, h, w, nw, m, kernel_h, kernel_w, *strides, POOLING=pooling,
             BLOCK_C=_WINDOW_BLOCK_C, BLOCK_W=_WINDOW_BLOCK_W, num_warps=4, **constants)
 
 
-def pairwise_nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax) -> None:
-    """Same contract as the C++/CUDA `pairwise_nodes_forward` (codes: pooling none/max/avg = 0/1/2,
+def nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax) -> None:
+    """Same contract as the C++/CUDA `pairwise_nodes_forward` and `pytorch/pairwise.py` (codes: pooling none/max/avg = 0/1/2,
     norm official/paper = 0/1)."""
     arg = argmax if argmax is not None else inv_norm  # never dereferenced without ARGMAX
     if not _large_windows(kernel_h, kernel_w, pooling):
@@ -325,12 +320,12 @@ def pairwise_nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, i
     _launch_window(_window_pool_kernel, features, kernel_h, kernel_w, pooling, (features, nodes, arg),
                    features.stride(), ARGMAX=argmax is not None)
     b, c, _, _, _, m = _geometry(features, kernel_h, kernel_w)
-    with _on_device(features):
+    with on_device(features):
         _window_normalise_kernel[(triton.cdiv(m, _BLOCK_N), b)](
             nodes, inv_norm, c, m, PAPER=norm == 1, BLOCK_C=_BLOCK_C, BLOCK_N=_BLOCK_N, num_warps=4)
 
 
-def pairwise_nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax, grad_residual,
+def nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax, grad_residual,
                             grad_bias, grad_outer_c, grad_outer_q, grad_scale, grad_features) -> None:
     """Same contract as the C++/CUDA `pairwise_nodes_backward`."""
     arg = argmax if argmax is not None else inv_norm

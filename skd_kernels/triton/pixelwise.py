@@ -9,11 +9,11 @@ fp32 accumulation is the contract anyway.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import on_device
 
 MAX_CLASSES = 16384
 _TILE_ELEMENTS = 4096
@@ -85,9 +85,10 @@ def _pixelwise_kernel(
         tl.store(gt_ptr + off, grad.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
-def pixelwise_forward(student, teacher, labels, ignore_index, inv_tau, kl, scale, pixel_loss,
+def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, scale, pixel_loss,
                       grad_student, grad_teacher) -> None:
-    """Launch on validated input; same contract as the C++/CUDA `pixelwise_forward`."""
+    """Launch on validated input; same contract as the C++/CUDA `pixelwise_forward` and
+    `pytorch/pixelwise.py`."""
     b, k, h, w = student.shape
     if k > MAX_CLASSES:
         raise ValueError(f"the triton backend handles up to {MAX_CLASSES} classes, got {k}; use backend='cuda'")
@@ -100,9 +101,7 @@ def pixelwise_forward(student, teacher, labels, ignore_index, inv_tau, kl, scale
     if student.dtype == torch.float64:
         inv_tau = torch.full((1,), inv_tau, dtype=torch.float64, device=student.device)
     grid = (triton.cdiv(h * w, block_p), b)
-    # Launch on the logits' GPU, whatever the current one is.
-    guard = torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext()
-    with guard:
+    with on_device(student):
         _pixelwise_kernel[grid](
             student, teacher, labels if labels is not None else dummy, scale, pixel_loss,
             grad_student if grad_student is not None else dummy,

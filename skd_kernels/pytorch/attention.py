@@ -1,33 +1,11 @@
-"""SAGAN attention in plain PyTorch, a block of rows at a time: the `torch` backend.
+"""SAGAN attention's passes in stock PyTorch ops, a tile of rows at a time: the `torch` backend.
 
-Every pass below holds one (B, R, N) block of the attention map at once, never N x N, with R chosen
-so that a block has about `_BLOCK_ELEMENTS` entries. Rows of the map are independent, so a row block
-sees its whole rows and its row statistics (log-sum-exp, D_i, ...) are exact in one pass; column
-sums (dk, dv) accumulate over blocks. The C++, CUDA and Triton kernels compute the same quantities.
-
-Notation (per image; i indexes queries, j keys):
-    S_ij = q_i . k_j,   P_ij = exp(S_ij - lse_i),   out_i = sum_j P_ij v_j.
-
-First derivatives, for an incoming gradient dO = d L / d out:
-    dP_ij = dO_i . v_j,   D_i = sum_j P_ij dP_ij  (= dO_i . out_i),
-    dS_ij = P_ij (dP_ij - D_i),
-    dq_i = sum_j dS_ij k_j,   dk_j = sum_i dS_ij q_i,   dv_j = sum_i P_ij dO_i.
-
-Second derivatives. The double backward receives cotangents gq, gk, gv of (dq, dk, dv) and returns
-the gradient of  L2 = <gq, dq> + <gk, dk> + <gv, dv>  with respect to q, k, v and dO, taking `out`
-and `lse` as the functions of q, k, v that they are (so the op's `out`/`lse` inputs get no gradient
-of their own). Writing
-    A_ij = gq_i . k_j + q_i . gk_j,    B_ij = dO_i . gv_j,
-L2 = sum_ij [ dS_ij A_ij + P_ij B_ij ]. Differentiating, with row statistics
-    Abar_i = sum_j P_ij A_ij,   C_i = sum_j P_ij dP_ij A_ij,   Bbar_i = sum_j P_ij B_ij = dO_i . (P gv)_i,
-  d L2 / d dP_ij = G_ij  = P_ij (A_ij - Abar_i)                       (D_i depends on dP too),
-  d L2 / d P_ij  = H_ij  = (dP_ij - D_i) A_ij - dP_ij Abar_i + B_ij   (D_i depends on P too),
-  d L2 / d S_ij  = dS2_ij = P_ij (H_ij - Hbar_i),  Hbar_i = sum_j P_ij H_ij = C_i - 2 D_i Abar_i + Bbar_i,
-and then
-    grad q_i  = sum_j (dS_ij gk_j + dS2_ij k_j)      grad k_j = sum_i (dS_ij gq_i + dS2_ij q_i)
-    grad v_j  = sum_i G_ij dO_i                      grad dO_i = sum_j (G_ij v_j + P_ij gv_j).
-Every term is a sum over j (or i) of P_ij times products of low-dimensional vectors, so a row block
-computes it from P recomputed with the saved lse; four row statistics (D, Abar, C, Bbar) suffice.
+Every pass holds one (B, R, N) tile of the attention map at once, never N x N, with R chosen so that
+a tile has about `_TILE_ELEMENTS` entries. Rows of the map are independent, so a tile sees its whole
+rows and its row statistics (log-sum-exp, D_i, Abar_i, C_i, Bbar_i) are exact in one pass; column
+sums (dk, dv) accumulate over tiles. The formulas, the double backward's derivation included, and
+their notation (S, P, dP, D, A, B, G, H): docs/ops/attention.md. The C++, CUDA and Triton kernels
+compute the same quantities.
 """
 from __future__ import annotations
 
@@ -35,11 +13,11 @@ from typing import Optional
 
 import torch
 
-_BLOCK_ELEMENTS = 1 << 20  # entries of the attention map held at once (4 MB in float32)
+_TILE_ELEMENTS = 1 << 20  # entries of the attention map held at once (4 MB in float32)
 
 
-def _row_blocks(batch: int, n: int):
-    rows = max(1, min(n, _BLOCK_ELEMENTS // max(1, batch * n)))
+def _row_tiles(batch: int, n: int):
+    rows = max(1, min(n, _TILE_ELEMENTS // max(1, batch * n)))
     for start in range(0, n, rows):
         yield slice(start, min(n, start + rows))
 
@@ -50,7 +28,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     out = q.new_empty((b, n, v.shape[2]))
     lse = q.new_empty((b, n))
     kt = k.transpose(1, 2)
-    for rows in _row_blocks(b, n):
+    for rows in _row_tiles(b, n):
         s = torch.bmm(q[:, rows], kt)
         lse[:, rows] = torch.logsumexp(s, dim=-1)
         torch.bmm(torch.exp(s.sub_(lse[:, rows, None])), v, out=out[:, rows])
@@ -66,7 +44,7 @@ def backward(q, k, v, lse, dout):
     b, n, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    for rows in _row_blocks(b, n):
+    for rows in _row_tiles(b, n):
         p = _probabilities(q, kt, lse, rows)
         dp = torch.bmm(dout[:, rows], vt)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # D_i from P: exact even when `out` was rounded
@@ -84,7 +62,7 @@ def double_backward(q, k, v, lse, dout, gq: Optional[torch.Tensor], gk: Optional
     grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
     grad_v, grad_dout = torch.zeros_like(v), torch.zeros_like(dout)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    for rows in _row_blocks(b, n):
+    for rows in _row_tiles(b, n):
         qr, dor = q[:, rows], dout[:, rows]
         p = _probabilities(q, kt, lse, rows)
         dp = torch.bmm(dor, vt)

@@ -1,0 +1,71 @@
+"""The compiled backends (`cpu`: C++/OpenMP, `cuda`: CUDA C++) behind each op's pass API.
+
+The extension's entry points write into buffers the caller allocates (see csrc/bindings/); these
+adapters give them the same Python signatures as `pytorch/<op>.py` and `triton/<op>.py`, so an op
+calls every backend alike. `backends.passes` builds one per (op, backend), once.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .ops.pairwise.types import Centred, CentredPair
+
+
+def pixelwise(module, device_type: str) -> types.SimpleNamespace:
+    def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, scale, pixel_loss, grad_student,
+                      grad_teacher) -> None:
+        module.pixelwise_forward(student, teacher, labels, ignore_index, inv_tau, int(kl), scale, pixel_loss,
+                                 grad_student, grad_teacher)
+
+    return types.SimpleNamespace(loss_and_grad=loss_and_grad)
+
+
+def pairwise(module, device_type: str) -> types.SimpleNamespace:
+    passes = types.SimpleNamespace(nodes_forward=module.pairwise_nodes_forward,
+                                   nodes_backward=module.pairwise_nodes_backward)
+    if device_type == "cpu":  # fused centring is CPU code; `cuda` borrows the stock one (backends.py)
+        passes.centre = lambda u, out: _centre(module, u, out)
+        passes.centre_pair = lambda us, ut, out: _centre_pair(module, us, ut, out)
+    return passes
+
+
+def _centre(module, u: torch.Tensor, out: torch.Tensor) -> Centred:
+    b, c, m = u.shape
+    f64 = dict(dtype=torch.float64, device=u.device)
+    result = Centred(out, torch.empty((b, c), **f64), torch.empty((b, m), **f64), torch.empty((b, c), **f64))
+    module.pairwise_centre(u, *result)
+    return result
+
+
+def _centre_pair(module, us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
+    b, c, m = us.shape
+    f64 = dict(dtype=torch.float64, device=us.device)
+    pair = CentredPair(out, torch.empty((b, c), **f64), torch.empty((b, c), **f64), torch.empty((b, m), **f64),
+                       torch.empty((b, m), **f64), torch.empty((b, 2 * c), **f64))
+    module.pairwise_centre_pair(us, ut, *pair)
+    return pair
+
+
+def attention(module, device_type: str) -> types.SimpleNamespace:
+    def forward(q, k, v):
+        out = q.new_empty((*q.shape[:2], v.shape[2]))
+        lse = q.new_empty(q.shape[:2])
+        module.attention_forward(q, k, v, out, lse)
+        return out, lse
+
+    def backward(q, k, v, lse, dout):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        module.attention_backward(q, k, v, lse, dout, dq, dk, dv)
+        return dq, dk, dv
+
+    def double_backward(q, k, v, lse, dout, gq, gk, gv):
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dout))
+        module.attention_double_backward(q, k, v, lse, dout, gq, gk, gv, *grads)
+        return grads
+
+    return types.SimpleNamespace(forward=forward, backward=backward, double_backward=double_backward)
+
+
+PASSES = {"pixelwise": pixelwise, "pairwise": pairwise, "attention": attention}
