@@ -21,38 +21,61 @@ from .launch import on_device
 
 
 @triton.jit
+def _load_rows(ptr, b, rows, N, D, BLOCK_D: tl.constexpr):
+    """Rows `rows` of image b of a contiguous (B, N, D) tensor: a (len(rows), BLOCK_D) tile, 0 outside."""
+    cols = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + b * N * D + rows[:, None] * D + cols[None, :],
+                   mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, tile, b, rows, N, D, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(ptr + b * N * D + rows[:, None] * D + cols[None, :], tile,
+             mask=(rows[:, None] < N) & (cols[None, :] < D))
+
+
+@triton.jit
+def _dot(a, b, acc_ty: tl.constexpr):
+    # IEEE products: TF32 would break the fp32 contract.
+    return tl.dot(a, b, input_precision="ieee", out_dtype=acc_ty)
+
+
+@triton.jit
+def _row_tile(q, do, lse, k_ptr, v_ptr, b, cols, N, DK, DV, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """For a tile of query rows (q, do, lse) and the keys `cols`: k, P = exp(q k^T - lse) (0 past N)
+    and dP = dO v^T."""
+    acc_ty = q.dtype
+    k = _load_rows(k_ptr, b, cols, N, DK, BLOCK_DK)
+    v = _load_rows(v_ptr, b, cols, N, DV, BLOCK_DV)
+    p = tl.where((cols < N)[None, :], tl.exp(_dot(q, tl.trans(k), acc_ty) - lse[:, None]), 0.0)
+    return k, p, _dot(do, tl.trans(v), acc_ty)
+
+
+@triton.jit
 def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, N, DK, DV,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     b = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    row_mask = rows < N
-    q = tl.load(q_ptr + b * N * DK + rows[:, None] * DK + dk[None, :],
-                mask=row_mask[:, None] & (dk[None, :] < DK), other=0.0)
+    q = _load_rows(q_ptr, b, rows, N, DK, BLOCK_DK)
     acc_ty = q.dtype
     m = tl.full([BLOCK_M], float("-inf"), acc_ty)
     z = tl.zeros([BLOCK_M], acc_ty)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], acc_ty)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
-                    mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
-                    mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=acc_ty)
-        s = tl.where(col_mask[None, :], s, float("-inf"))
+        k = _load_rows(k_ptr, b, cols, N, DK, BLOCK_DK)
+        v = _load_rows(v_ptr, b, cols, N, DV, BLOCK_DV)
+        s = tl.where((cols < N)[None, :], _dot(q, tl.trans(k), acc_ty), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)  # 0 on the first tile, where m = -inf
         p = tl.exp(s - m_new[:, None])
         z = z * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee", out_dtype=acc_ty)
+        acc = acc * alpha[:, None] + _dot(p, v, acc_ty)
         m = m_new
-    tl.store(out_ptr + b * N * DV + rows[:, None] * DV + dv[None, :], acc / z[:, None],
-             mask=row_mask[:, None] & (dv[None, :] < DV))
-    tl.store(lse_ptr + b * N + rows, m + tl.log(z), mask=row_mask)
+    _store_rows(out_ptr, acc / z[:, None], b, rows, N, DV, BLOCK_DV)
+    tl.store(lse_ptr + b * N + rows, m + tl.log(z), mask=rows < N)
 
 
 @triton.jit
@@ -61,44 +84,24 @@ def _attention_backward_rows_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, dq_p
                                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     b = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    row_mask = rows < N
-    q = tl.load(q_ptr + b * N * DK + rows[:, None] * DK + dk[None, :],
-                mask=row_mask[:, None] & (dk[None, :] < DK), other=0.0)
-    do = tl.load(dout_ptr + b * N * DV + rows[:, None] * DV + dv[None, :],
-                 mask=row_mask[:, None] & (dv[None, :] < DV), other=0.0)
-    lse = tl.load(lse_ptr + b * N + rows, mask=row_mask, other=0.0)
+    q = _load_rows(q_ptr, b, rows, N, DK, BLOCK_DK)
+    do = _load_rows(dout_ptr, b, rows, N, DV, BLOCK_DV)
+    lse = tl.load(lse_ptr + b * N + rows, mask=rows < N, other=0.0)
     acc_ty = q.dtype
     # Walk 1: D_i = sum_j P_ij dP_ij (from P, not from a rounded `out`).
     d = tl.zeros([BLOCK_M], acc_ty)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
-                    mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
-                    mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=acc_ty)
-        p = tl.where(col_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=acc_ty)
+        _, p, dp = _row_tile(q, do, lse, k_ptr, v_ptr, b, start + tl.arange(0, BLOCK_N), N, DK, DV,
+                             BLOCK_DK, BLOCK_DV)
         d += tl.sum(p * dp, 1)
     # Walk 2: dq_i = sum_j P_ij (dP_ij - D_i) k_j.
     dq = tl.zeros([BLOCK_M, BLOCK_DK], acc_ty)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
-                    mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
-                    mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=acc_ty)
-        p = tl.where(col_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=acc_ty)
-        dq += tl.dot(p * (dp - d[:, None]), k, input_precision="ieee", out_dtype=acc_ty)
-    tl.store(dq_ptr + b * N * DK + rows[:, None] * DK + dk[None, :], dq,
-             mask=row_mask[:, None] & (dk[None, :] < DK))
-    tl.store(d_ptr + b * N + rows, d, mask=row_mask)
+        k, p, dp = _row_tile(q, do, lse, k_ptr, v_ptr, b, start + tl.arange(0, BLOCK_N), N, DK, DV,
+                             BLOCK_DK, BLOCK_DV)
+        dq += _dot(p * (dp - d[:, None]), k, acc_ty)
+    _store_rows(dq_ptr, dq, b, rows, N, DK, BLOCK_DK)
+    tl.store(d_ptr + b * N + rows, d, mask=rows < N)
 
 
 @triton.jit
@@ -107,34 +110,25 @@ def _attention_backward_columns_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d
                                        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     b = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    col_mask = cols < N
-    k = tl.load(k_ptr + b * N * DK + cols[:, None] * DK + dk[None, :],
-                mask=col_mask[:, None] & (dk[None, :] < DK), other=0.0)
-    v = tl.load(v_ptr + b * N * DV + cols[:, None] * DV + dv[None, :],
-                mask=col_mask[:, None] & (dv[None, :] < DV), other=0.0)
+    k = _load_rows(k_ptr, b, cols, N, DK, BLOCK_DK)
+    v = _load_rows(v_ptr, b, cols, N, DV, BLOCK_DV)
     acc_ty = k.dtype
     grad_k = tl.zeros([BLOCK_N, BLOCK_DK], acc_ty)
     grad_v = tl.zeros([BLOCK_N, BLOCK_DV], acc_ty)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        q = tl.load(q_ptr + b * N * DK + rows[:, None] * DK + dk[None, :],
-                    mask=row_mask[:, None] & (dk[None, :] < DK), other=0.0)
-        do = tl.load(dout_ptr + b * N * DV + rows[:, None] * DV + dv[None, :],
-                     mask=row_mask[:, None] & (dv[None, :] < DV), other=0.0)
+        q = _load_rows(q_ptr, b, rows, N, DK, BLOCK_DK)
+        do = _load_rows(dout_ptr, b, rows, N, DV, BLOCK_DV)
         lse = tl.load(lse_ptr + b * N + rows, mask=row_mask, other=0.0)
         d = tl.load(d_ptr + b * N + rows, mask=row_mask, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=acc_ty)  # (keys, queries)
-        pt = tl.where(row_mask[None, :], tl.exp(st - lse[None, :]), 0.0)
-        dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=acc_ty)
-        grad_v += tl.dot(pt, do, input_precision="ieee", out_dtype=acc_ty)
-        grad_k += tl.dot(pt * (dpt - d[None, :]), q, input_precision="ieee", out_dtype=acc_ty)
-    tl.store(dk_ptr + b * N * DK + cols[:, None] * DK + dk[None, :], grad_k,
-             mask=col_mask[:, None] & (dk[None, :] < DK))
-    tl.store(dv_ptr + b * N * DV + cols[:, None] * DV + dv[None, :], grad_v,
-             mask=col_mask[:, None] & (dv[None, :] < DV))
+        # P^T, (keys, queries)
+        pt = tl.where(row_mask[None, :], tl.exp(_dot(k, tl.trans(q), acc_ty) - lse[None, :]), 0.0)
+        dpt = _dot(v, tl.trans(do), acc_ty)
+        grad_v += _dot(pt, do, acc_ty)
+        grad_k += _dot(pt * (dpt - d[None, :]), q, acc_ty)
+    _store_rows(dk_ptr, grad_k, b, cols, N, DK, BLOCK_DK)
+    _store_rows(dv_ptr, grad_v, b, cols, N, DV, BLOCK_DV)
 
 
 def _blocks(q: torch.Tensor, v: torch.Tensor) -> dict:

@@ -37,6 +37,16 @@ def _window(node, NW, KH, KW):
 
 
 @triton.jit
+def _node_tile(H, W, NW, M, KH, KW, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_N nodes: indices, mask, window corners and how many positions each
+    (partial border windows hold fewer)."""
+    node = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h0, w0 = _window(node, NW, KH, KW)
+    count = (tl.minimum(h0 + KH, H) - h0) * (tl.minimum(w0 + KW, W) - w0)
+    return node, node < M, h0, w0, count
+
+
+@triton.jit
 def _nodes_forward_kernel(
     x_ptr, u_ptr, inv_ptr, arg_ptr,
     C, H, W, NW, M, KH, KW,
@@ -45,10 +55,7 @@ def _nodes_forward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(1)
-    node = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = node < M
-    h0, w0 = _window(node, NW, KH, KW)
-    count = (tl.minimum(h0 + KH, H) - h0) * (tl.minimum(w0 + KW, W) - w0)
+    node, n_mask, h0, w0, count = _node_tile(H, W, NW, M, KH, KW, BLOCK_N)
     sumsq = tl.zeros((BLOCK_N,), dtype=tl.float64)
     for c0 in range(0, C, BLOCK_C):
         chan = c0 + tl.arange(0, BLOCK_C)
@@ -190,10 +197,7 @@ def _nodes_backward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(1)
-    node = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = node < M
-    h0, w0 = _window(node, NW, KH, KW)
-    count = (tl.minimum(h0 + KH, H) - h0) * (tl.minimum(w0 + KW, W) - w0)
+    node, n_mask, h0, w0, count = _node_tile(H, W, NW, M, KH, KW, BLOCK_N)
     inv = tl.load(inv_ptr + b * M + node, mask=n_mask, other=0.0)
     grad_scale = tl.load(scale_ptr)  # float64 in memory: a scalar argument would be rounded to float32
     # Paper form: the gradient through the norm projects out the radial part, unless the norm was
@@ -243,7 +247,8 @@ def _window_backward_kernel(
     POOLING: tl.constexpr, PAPER: tl.constexpr, MEAN_TERMS: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    """d loss / d features over one node's window, for BLOCK_C channels."""
+    """d loss / d features over one node's window, for BLOCK_C channels. (Its arguments repeat
+    `_nodes_backward_kernel`'s on purpose: one launcher passes both alike.)"""
     node = tl.program_id(0)
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
