@@ -6,7 +6,7 @@
 // Dv), the block reduces row statistics in shared memory, and weighted sums of vectors are
 // accumulated one channel per thread from a shared tile of weights. Column passes recompute P from
 // the saved lse instead of reducing across blocks, so there are no atomics and results are
-// deterministic. The math of each pass is derived in skd_kernels/ops/attention_chunked.py.
+// deterministic. The math of each pass is derived in docs/ops/attention.md.
 #include "cuda/attention.h"
 
 #include <cuda_runtime.h>
@@ -137,7 +137,7 @@ __global__ void backward_columns(AttentionProblem p) {
   });
 }
 
-// The scalars of pair (i, j) that the double backward needs (notation of attention_chunked.py).
+// The scalars of pair (i, j) that the double backward needs (notation of docs/ops/attention.md).
 template <typename T>
 struct Pair {
   T prob, dp, a, bb;

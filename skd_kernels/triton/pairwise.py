@@ -288,49 +288,49 @@ def _window_backward_kernel(
             tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=inside)
 
 
-def _geometry(features, kernel_h, kernel_w):
+def _geometry(features, window_h, window_w):
     b, c, h, w = features.shape
-    nw = -(-w // kernel_w)
-    return b, c, h, w, nw, -(-h // kernel_h) * nw
+    nw = -(-w // window_w)
+    return b, c, h, w, nw, -(-h // window_h) * nw
 
 
-def _large_windows(kernel_h, kernel_w, pooling) -> bool:
-    return pooling != 0 and kernel_h * kernel_w >= LARGE_WINDOW
+def _large_windows(window_h, window_w, pooling) -> bool:
+    return pooling != 0 and window_h * window_w >= LARGE_WINDOW
 
 
-def _launch(kernel, features, kernel_h, kernel_w, pooling, norm, tensors, strides, **constants):
-    b, c, h, w, nw, m = _geometry(features, kernel_h, kernel_w)
+def _launch(kernel, features, window_h, window_w, pooling, norm, tensors, strides, **constants):
+    b, c, h, w, nw, m = _geometry(features, window_h, window_w)
     with on_device(features):
         kernel[(triton.cdiv(m, _BLOCK_N), b)](
-            *tensors, c, h, w, nw, m, kernel_h, kernel_w, *strides, POOLING=pooling, PAPER=norm == 1,
+            *tensors, c, h, w, nw, m, window_h, window_w, *strides, POOLING=pooling, PAPER=norm == 1,
             BLOCK_C=_BLOCK_C, BLOCK_N=_BLOCK_N, num_warps=4, **constants)
 
 
-def _launch_window(kernel, features, kernel_h, kernel_w, pooling, tensors, strides, **constants):
-    b, c, h, w, nw, m = _geometry(features, kernel_h, kernel_w)
+def _launch_window(kernel, features, window_h, window_w, pooling, tensors, strides, **constants):
+    b, c, h, w, nw, m = _geometry(features, window_h, window_w)
     with on_device(features):
         kernel[(m, triton.cdiv(c, _WINDOW_BLOCK_C), b)](
-            *tensors, c, h, w, nw, m, kernel_h, kernel_w, *strides, POOLING=pooling,
+            *tensors, c, h, w, nw, m, window_h, window_w, *strides, POOLING=pooling,
             BLOCK_C=_WINDOW_BLOCK_C, BLOCK_W=_WINDOW_BLOCK_W, num_warps=4, **constants)
 
 
-def nodes_forward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax) -> None:
+def nodes_forward(features, window_h, window_w, pooling, norm, nodes, inv_norm, argmax) -> None:
     """Same contract as the C++/CUDA `pairwise_nodes_forward` and `pytorch/pairwise.py` (codes: pooling none/max/avg = 0/1/2,
     norm official/paper = 0/1)."""
     arg = argmax if argmax is not None else inv_norm  # never dereferenced without ARGMAX
-    if not _large_windows(kernel_h, kernel_w, pooling):
-        _launch(_nodes_forward_kernel, features, kernel_h, kernel_w, pooling, norm,
+    if not _large_windows(window_h, window_w, pooling):
+        _launch(_nodes_forward_kernel, features, window_h, window_w, pooling, norm,
                 (features, nodes, inv_norm, arg), features.stride(), ARGMAX=argmax is not None)
         return
-    _launch_window(_window_pool_kernel, features, kernel_h, kernel_w, pooling, (features, nodes, arg),
+    _launch_window(_window_pool_kernel, features, window_h, window_w, pooling, (features, nodes, arg),
                    features.stride(), ARGMAX=argmax is not None)
-    b, c, _, _, _, m = _geometry(features, kernel_h, kernel_w)
+    b, c, _, _, _, m = _geometry(features, window_h, window_w)
     with on_device(features):
         _window_normalise_kernel[(triton.cdiv(m, _BLOCK_N), b)](
             nodes, inv_norm, c, m, PAPER=norm == 1, BLOCK_C=_BLOCK_C, BLOCK_N=_BLOCK_N, num_warps=4)
 
 
-def nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax, grad_residual,
+def nodes_backward(features, window_h, window_w, pooling, norm, nodes, inv_norm, argmax, grad_residual,
                             grad_bias, grad_outer_c, grad_outer_q, grad_scale, grad_features) -> None:
     """Same contract as the C++/CUDA `pairwise_nodes_backward`."""
     arg = argmax if argmax is not None else inv_norm
@@ -340,9 +340,9 @@ def nodes_backward(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm,
     scale = torch.full((1,), grad_scale, dtype=torch.float64, device=features.device)
     vectors = (grad_bias, grad_outer_c, grad_outer_q) if mean_terms else (inv_norm,) * 3  # unread stand-ins
     tensors = (nodes, inv_norm, arg, grad_residual, *vectors, scale, grad_features)
-    if _large_windows(kernel_h, kernel_w, pooling):
-        _launch_window(_window_backward_kernel, features, kernel_h, kernel_w, pooling, tensors,
+    if _large_windows(window_h, window_w, pooling):
+        _launch_window(_window_backward_kernel, features, window_h, window_w, pooling, tensors,
                        grad_features.stride(), PAPER=norm == 1, MEAN_TERMS=mean_terms)
     else:
-        _launch(_nodes_backward_kernel, features, kernel_h, kernel_w, pooling, norm, tensors,
+        _launch(_nodes_backward_kernel, features, window_h, window_w, pooling, norm, tensors,
                 grad_features.stride(), MEAN_TERMS=mean_terms)

@@ -4,7 +4,7 @@ with respect to the nodes, by one of two exact algorithms, never building the M 
 
 - ``lowrank``: sum_ij (a^s - a^t)^2 = ||Us Us^T||^2 + ||Ut Ut^T||^2 - 2 ||Us Ut^T||^2 with the
   (C x C) Gram matrices; O(M C^2) work, O(C^2) memory; gradient d/dUs = 4 (Gss Us - Gst Ut);
-- ``tiled``: row blocks D_I = A^s_I - A^t_I (R x M) formed, squared and summed, and the gradient
+- ``tiled``: tiles of rows D_I = A^s_I - A^t_I (R x M) formed, squared and summed, and the gradient
   D_I Us accumulated block by block; O(M^2 C) work, O(R M) memory.
 
 Exactness. Plain Gram products cancel: the low-rank form subtracts terms of size ||A||^2 ~ M^2 to
