@@ -310,3 +310,21 @@ def test_fused_forward_backward_peak_memory_is_at_most_1_5_logits():
     peaks = dict(line.split() for line in result.stdout.splitlines())
     assert float(peaks["cpu"]) <= 1.5, peaks
     assert float(peaks["torch"]) >= 3.0, peaks  # the measurement sees the reference's buffers
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("form", ["official", "kl"])
+def test_weight_is_folded_into_the_loss_and_its_gradients(backend, form):
+    """weight=lambda gives lambda times the loss and its gradients, to the last bits of the constant."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 7, 4, 5, generator=g, dtype=torch.float64), torch.randn(2, 7, 4, 5, generator=g,
+                                                                               dtype=torch.float64)
+    plain_s, weighted_s = s.clone().requires_grad_(), s.clone().requires_grad_()
+    plain = sk.pixelwise_distill_loss(plain_s, t, form=form, backend=backend)
+    weighted = sk.pixelwise_distill_loss(weighted_s, t, form=form, weight=10.0, backend=backend)
+    plain.backward()
+    weighted.backward()
+    assert torch.allclose(weighted, 10.0 * plain, rtol=1e-13)
+    assert torch.allclose(weighted_s.grad, 10.0 * plain_s.grad, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        sk.pixelwise_distill_loss(s, t, weight=float("nan"))

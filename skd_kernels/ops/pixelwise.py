@@ -50,7 +50,7 @@ def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_stude
 
 def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor] = None,
                            *, form: str = "official", tau: float = 1.0, tau_squared: bool = False,
-                           ignore_index: int = 255, resize_student: bool = False,
+                           ignore_index: int = 255, resize_student: bool = False, weight: float = 1.0,
                            backend: Optional[str] = None) -> torch.Tensor:
     """Pixel-wise distillation loss of Structured Knowledge Distillation.
 
@@ -64,35 +64,38 @@ def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
         tau: temperature > 0 (`kl` and `cvpr`). tau_squared: multiply by tau**2.
         resize_student: resize the student's logits bilinearly to the teacher's size when they differ
             (otherwise that is an error, as in the official code).
+        weight: a factor folded into the kernel's constant (a trainer's lambda): the loss is weight times
+            the form's value, and backward() then has no gradient to rescale.
         backend: ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"auto"``; default: SKD_BACKEND or auto.
 
     Returns:
         The loss, a 0-d float32 tensor (float64 for float64 logits). With every pixel ignored it is 0.
     """
     student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student)
+    weight = check.check_finite_number("weight", weight)
     name = resolve("pixelwise", student.device.type, backend)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = _call(student, teacher, labels, int(ignore_index), tau, form, bool(tau_squared),
+    loss, _, _ = _call(student, teacher, labels, int(ignore_index), tau, form, bool(tau_squared), weight,
                        grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad, name)
     return loss
 
 
-def _form_constant(student, labels, ignore_index, tau, form, tau_squared) -> torch.Tensor:
-    """The form's constant as a 0-d float64 tensor on the logits' device (no host sync)."""
+def _form_constant(student, labels, ignore_index, tau, form, tau_squared, weight) -> torch.Tensor:
+    """The form's constant times `weight`, a 0-d float64 tensor on the logits' device (no host sync)."""
     b, k, h, w = student.shape
     if form == "official":
-        return torch.full((), 1.0 / (h * w), dtype=torch.float64, device=student.device)
-    constant = (tau * tau if tau_squared else 1.0) / (k if form == "cvpr" else 1)
+        return torch.full((), weight / (h * w), dtype=torch.float64, device=student.device)
+    constant = weight * (tau * tau if tau_squared else 1.0) / (k if form == "cvpr" else 1)
     if labels is None:
         return torch.full((), constant / (b * h * w), dtype=torch.float64, device=student.device)
     valid = (labels != ignore_index).sum()
     return constant / valid.clamp(min=1).to(torch.float64)
 
 
-def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student,
+def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, weight, grad_student,
                    grad_teacher, backend):
     b, _, h, w = student.shape
-    constant = _form_constant(student, labels, ignore_index, tau, form, tau_squared)
+    constant = _form_constant(student, labels, ignore_index, tau, form, tau_squared, weight)
     pixel_loss = torch.empty((b, h, w), dtype=torch.float64, device=student.device)
     gs = torch.empty_like(student) if grad_student else None
     gt = torch.empty_like(teacher) if grad_teacher else None
@@ -105,16 +108,17 @@ def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_square
 
 @torch.library.custom_op("skd::pixelwise_distill", mutates_args=())
 def pixelwise_distill(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                      ignore_index: int, tau: float, form: str, tau_squared: bool, grad_student: bool,
-                      grad_teacher: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ignore_index: int, tau: float, form: str, tau_squared: bool, weight: float,
+                      grad_student: bool, grad_teacher: bool,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused op on validated input: (loss, d loss/d student or empty, d loss/d teacher or empty)."""
-    return _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, grad_student,
+    return _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_squared, weight, grad_student,
                           grad_teacher, backend)
 
 
-def _reference(student, teacher, labels, ignore_index, tau, form, tau_squared):
-    return pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau, tau_squared=tau_squared,
-                                       ignore_index=ignore_index)
+def _reference(student, teacher, labels, ignore_index, tau, form, tau_squared, weight):
+    return weight * pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
+                                                tau_squared=tau_squared, ignore_index=ignore_index)
 
 
 _call = register_fused_gradient_op(pixelwise_distill, _fused_forward, _reference)
