@@ -76,13 +76,13 @@ def resolve_backend(device_type: str, requested: str | None = None, gpu_preferen
 
 
 def _first_gpu_backend(preference: tuple) -> str:
-    from ._extension import _missing_tool, load_extension
+    from ._extension import load_extension, missing_tool
 
     for name in preference:
         if name == "triton" and triton_available():
             return name
         # Without the tools there is nothing to build: skip silently; a failed build warns.
-        if name == "cuda" and _missing_tool("cuda") is None and load_extension("cuda") is not None:
+        if name == "cuda" and missing_tool("cuda") is None and load_extension("cuda") is not None:
             return name
     return "torch"
 

@@ -26,7 +26,7 @@ def test_auto_on_a_gpu_takes_the_first_preferred_backend_that_is_there(cuda_buil
 
     monkeypatch.delenv("SKD_BACKEND", raising=False)
     monkeypatch.setattr(backends, "triton_available", lambda: has_triton)
-    monkeypatch.setattr(_extension, "_missing_tool", lambda kind: None if cuda_builds else "nvcc was not found")
+    monkeypatch.setattr(_extension, "missing_tool", lambda kind: None if cuda_builds else "nvcc was not found")
     monkeypatch.setattr(_extension, "load_extension", lambda kind: object() if cuda_builds else None)
     fallback = "triton" if has_triton else "torch"
     assert resolve_backend("cuda", "auto", ("cuda", "triton")) == ("cuda" if cuda_builds else fallback)
