@@ -33,11 +33,12 @@ def loss_rtol(float64: float, float32: float) -> dict[torch.dtype, float]:
 
 
 def loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss is returned in: float64 for float64 inputs, else float32."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
 def assert_near(got: torch.Tensor, ref: torch.Tensor, name: str, *, rtol: float, atol: float = 0.0,
-                 floor: float = 0.0, dtype: torch.dtype | None = None) -> None:
+                floor: float = 0.0, dtype: torch.dtype | None = None) -> None:
     """max|got - ref| <= rtol * max(max|ref|, floor) + atol, got finite, of ref's shape (and `dtype`).
 
     `floor` stands for the size the result would have were it not ~0 by cancellation (a gradient that
@@ -52,14 +53,14 @@ def assert_near(got: torch.Tensor, ref: torch.Tensor, name: str, *, rtol: float,
 
 
 def assert_loss_near(loss: torch.Tensor, ref: torch.Tensor, input_dtype: torch.dtype, *, rtol: float,
-                      atol: float) -> None:
+                     atol: float) -> None:
     """A scalar loss in `loss_dtype(input_dtype)`: |loss - ref| <= rtol * |ref| + atol."""
     assert loss.dim() == 0 and loss.dtype == loss_dtype(input_dtype), f"loss: {loss.dtype} {tuple(loss.shape)}"
     assert_near(loss, ref, "loss", rtol=rtol, atol=atol)
 
 
 def assert_grads_near(grads: Sequence, ref_grads: Sequence, names: Sequence[str], dtype: torch.dtype, *,
-                       rtol: float, atol: float = 0.0, floor: float = 0.0) -> None:
+                      rtol: float, atol: float = 0.0, floor: float = 0.0) -> None:
     """Each gradient in the input `dtype` within `assert_near`'s bound; None exactly where the
     reference's is (an input that does not require grad)."""
     for name, got, ref in zip(names, grads, ref_grads, strict=True):
@@ -86,7 +87,7 @@ def value_and_grads(fn: Callable, inputs: Sequence[torch.Tensor], *, wrt: Sequen
 
 
 def fused_and_fp64_reference(fused: Callable, reference: Callable, inputs: Sequence[torch.Tensor], *,
-                        wrt: Sequence[bool] | None = None, cotangent: torch.Tensor | None = None) -> tuple:
+                             wrt: Sequence[bool] | None = None, cotangent: torch.Tensor | None = None) -> tuple:
     """`value_and_grads` of the fused op on the inputs as they are, and of the reference on the same
     (rounded) values in float64."""
     return (value_and_grads(fused, inputs, wrt=wrt, cotangent=cotangent),
