@@ -2,13 +2,16 @@
 (master) and the CVPR branch's network/discriminator.py: the specification our modules are held to.
 
 Only what the tests need: the same parameter names, registration order and arithmetic, including the
-official `.data` assignments in the power iteration. Not part of the package.
+official `.data` assignments in the power iteration; and `official_and_ours`, an official D paired with
+ours holding its weights. Not part of the package.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import skd_kernels
 
 
 def l2normalize(v, eps=1e-12):
@@ -131,3 +134,15 @@ def official_gp(D, d_in_S, d_in_T, lambda_gp):
     grad = grad.view(grad.size(0), -1)
     grad_l2norm = torch.sqrt(torch.sum(grad ** 2, dim=1))
     return lambda_gp * torch.mean((grad_l2norm - 1) ** 2)
+
+
+def official_and_ours(mode=1, size=65, dtype=torch.float64, seed=0, **ours_kwargs):
+    """An official D with random weights (gamma non-zero) and ours loaded from its state_dict."""
+    torch.manual_seed(seed)
+    official = OfficialDiscriminator(mode, 19, 8, size).to(dtype)
+    with torch.no_grad():
+        official.attn1.gamma.fill_(0.8)
+        official.attn2.gamma.fill_(-0.6)
+    ours = skd_kernels.Discriminator(mode, 19, 8, size, **ours_kwargs).to(dtype)
+    ours.load_state_dict(official.state_dict())
+    return official, ours

@@ -8,7 +8,9 @@ import skd_kernels as sk
 from skd_kernels.backends import ONE_TILE
 from skd_kernels.reference import attention_reference
 
-from conftest import CPU_BACKENDS_HERE, backend_device, run_python
+from conftest import backend_device
+from op_contract import (assert_compiles_like_eager, assert_gradcheck, assert_near, cpu_peak_memory,
+                         fused_and_fp64_reference, needs_cpu_peak_memory, stored_rtol, value_and_grads)
 
 BACKENDS = ["cpu", "torch", "triton", "cuda"]
 LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
@@ -20,7 +22,7 @@ SHAPES = [(1, 1, 3, 5), (2, 7, 3, 5), (2, 65, 8, 16), (2, 64, 32, 256)]
 # float32 accumulation (float64 for float64). The softmax's relative error grows with the energies
 # (exp(S) amplifies an absolute error of S), hence the factor (1 + max|S|) applied to each. Inputs
 # are O(1), so a reference that is exactly 0 (N = 1: P = 1) is met to O(eps): scales below 1 count as 1.
-RTOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+RTOL = stored_rtol(float64=1e-13, float32=2e-6)
 
 
 def make_qkv(shape, dtype, device, scale=1.0, seed=0):
@@ -36,18 +38,12 @@ def energy_factor(q, k) -> float:
 
 
 def assert_close(got, ref, dtype, factor, name):
-    assert got.dtype == dtype and got.shape == ref.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    assert torch.isfinite(got).all(), f"{name} has non-finite values"
-    error, scale = (got - ref).abs().max().item(), ref.abs().max().item()
-    bound = RTOL[dtype] * factor * max(scale, 1.0)
-    assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g} (max |ref| {scale:.3g})"
+    assert_near(got, ref, name, rtol=RTOL[dtype] * factor, floor=1.0, dtype=dtype)
 
 
 def first_order(fn, q, k, v, dout):
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out = fn(*leaves)
-    return (out, *torch.autograd.grad(out, leaves, dout))
+    """(out, dq, dk, dv) for the cotangent dout."""
+    return value_and_grads(fn, (q, k, v), cotangent=dout)
 
 
 def second_order(fn, q, k, v, dout, cotangents):
@@ -68,8 +64,7 @@ def fused(backend):
 def test_forward_and_gradients_match_fp64_reference(backend, shape):
     device = backend_device(backend)
     q, k, v, dout = make_qkv(shape, torch.float64, device)
-    got = first_order(fused(backend), q, k, v, dout)
-    ref = first_order(attention_reference, q, k, v, dout)
+    got, ref = fused_and_fp64_reference(fused(backend), attention_reference, (q, k, v), cotangent=dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert_close(a, b, torch.float64, energy_factor(q, k), name)
 
@@ -80,8 +75,7 @@ def test_forward_and_gradients_match_fp64_reference(backend, shape):
 def test_low_precision_within_stated_tolerance(backend, dtype, shape):
     device = backend_device(backend)
     q, k, v, dout = make_qkv(shape, dtype, device, scale=0.7)
-    got = first_order(fused(backend), q, k, v, dout)
-    ref = first_order(attention_reference, *(x.double() for x in (q, k, v, dout)))
+    got, ref = fused_and_fp64_reference(fused(backend), attention_reference, (q, k, v), cotangent=dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert_close(a, b, dtype, energy_factor(q, k), name)
 
@@ -111,22 +105,19 @@ def test_double_backward_matches_fp64_reference(backend, which, shape):
 def test_gradcheck_and_gradgradcheck(backend):
     device = backend_device(backend)
     q, k, v, _ = make_qkv((1, 3, 2, 3), torch.float64, device)  # small: Triton runs interpreted here
-    inputs = [x.requires_grad_() for x in (q, k, v)]
-    assert torch.autograd.gradcheck(fused(backend), inputs)
-    assert torch.autograd.gradgradcheck(fused(backend), inputs)
+    assert_gradcheck(fused(backend), (q, k, v), orders=(1, 2))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_third_derivative_falls_back_exactly(backend):
     backend_device(backend)
     q, k, v, _ = make_qkv((1, 4, 2, 3), torch.float64, "cpu")
-    inputs = [x.requires_grad_() for x in (q, k, v)]
 
     def input_gradient(q, k, v):  # a function whose gradgradcheck needs third derivatives
         out = sk.fused_attention(q, k, v, backend=backend)
         return torch.autograd.grad((out**2).sum(), (q, k, v), create_graph=True)
 
-    assert torch.autograd.gradgradcheck(input_gradient, inputs)
+    assert_gradcheck(input_gradient, (q, k, v), orders=(2,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,8 +162,7 @@ def test_saturated_softmax_stays_finite_and_exact(backend):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_traces_forward_and_backward_without_graph_breaks(backend):
     q, k, v, dout = make_qkv((2, 9, 3, 5), torch.float32, "cpu")
-    compiled = torch.compile(fused(backend), backend="aot_eager", fullgraph=True)
-    got = first_order(compiled, q, k, v, dout)
+    got = assert_compiles_like_eager(fused(backend), (q, k, v), cotangent=dout)
     ref = first_order(attention_reference, *(x.double() for x in (q, k, v, dout)))
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert_close(a, b, torch.float32, energy_factor(q, k), name)
@@ -203,35 +193,28 @@ def test_unknown_backend_is_named():
         sk.fused_attention(q, k, v, backend="bogus")
 
 
-_MEMORY_SCRIPT = """
+MEMORY_SETUP = """
 import torch
 from skd_kernels import fused_attention
 from skd_kernels.reference import attention_reference
-from skd_kernels.memory import peak_memory_above_baseline
 g = torch.Generator().manual_seed(0)
 q, k, v = [torch.randn(2, 4096, d, generator=g).requires_grad_() for d in (32, 32, 256)]
 dout = torch.randn(2, 4096, 256, generator=g)
-fused_attention(q[:, :8], k[:, :8], v[:, :8], backend="cpu")  # build the extension first
 def step(fn):
     def run():
         fn(q, k, v).backward(dout)
         q.grad = k.grad = v.grad = None
     return run
-print("cpu", peak_memory_above_baseline(step(lambda *a: fused_attention(*a, backend="cpu"))))
-print("reference", peak_memory_above_baseline(step(attention_reference)))
 """
 
 
-@pytest.mark.skipif(not CPU_BACKENDS_HERE, reason="needs Linux /proc for CPU peak memory")
+@needs_cpu_peak_memory
 def test_forward_backward_memory_is_linear_in_n_at_n_4096():
     """B=2, N=4096, Dk=32, Dv=256: q, k, v are 10.5 MB (out and the gradients as much again); one
     N x N float32 map is 64 MB per image. The fused step stays O(N * C): at most 4 times the inputs
     (out, gradients, transposed operands, per-thread strips), below half a map; the reference holds several."""
-    from skd_kernels.memory import CPU_MEASUREMENT_ENV
-
-    result = run_python(_MEMORY_SCRIPT, env=CPU_MEASUREMENT_ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    peaks = {name: int(value) for name, value in (line.split() for line in result.stdout.splitlines())}
+    peaks = cpu_peak_memory(MEMORY_SETUP, {"cpu": 'step(lambda *a: fused_attention(*a, backend="cpu"))',
+                                           "reference": "step(attention_reference)"})
     one_map, inputs = 4096 * 4096 * 4, 2 * 4096 * (32 + 32 + 256) * 4
     assert peaks["cpu"] < min(4 * inputs, 0.5 * one_map), peaks
     assert peaks["reference"] > 2 * one_map, peaks  # the measurement does see N x N buffers

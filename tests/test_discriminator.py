@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import skd_kernels as sk
-from official_sagan import OfficialDiscriminator, OfficialSelfAttn, OfficialSpectralNorm, cvpr_input
+from official_sagan import OfficialDiscriminator, OfficialSelfAttn, OfficialSpectralNorm, cvpr_input, official_and_ours
+from op_contract import assert_gradcheck, assert_near
 
 # Attention backends the fused blocks run on here (CUDA/Triton: the attention op's own tests).
 FUSED_BACKENDS = ["torch", "cpu"]
@@ -21,23 +22,7 @@ RTOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 def assert_close(got, ref, dtype, name, scale=None):
     """max|got - ref| <= rtol * max(max|ref|, scale): `scale` covers tensors whose exact value is ~0
     (the key bias's gradient is identically zero: softmax over keys ignores it)."""
-    got, ref = got.detach().double(), ref.detach().double()
-    bound = RTOL[dtype] * max(ref.abs().max().item(), scale or 0.0)
-    assert torch.isfinite(got).all(), f"{name}: non-finite"
-    error = (got - ref).abs().max().item()
-    assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
-
-
-def official_and_ours(mode=1, size=65, dtype=torch.float64, seed=0, **ours_kwargs):
-    """An official D with random weights (gamma non-zero) and ours loaded from its state_dict."""
-    torch.manual_seed(seed)
-    official = OfficialDiscriminator(mode, 19, 8, size).to(dtype)
-    with torch.no_grad():
-        official.attn1.gamma.fill_(0.8)
-        official.attn2.gamma.fill_(-0.6)
-    ours = sk.Discriminator(mode, 19, 8, size, **ours_kwargs).to(dtype)
-    ours.load_state_dict(official.state_dict())
-    return official, ours
+    assert_near(got, ref, name, rtol=RTOL[dtype], floor=scale or 0.0)
 
 
 def test_state_dict_keys_and_order_match_the_official_discriminator():
@@ -125,16 +110,14 @@ def test_self_attention_gradgradcheck(attention, backend):
     block = sk.SelfAttention(16, attention=attention, backend=backend).double()
     with torch.no_grad():
         block.gamma.fill_(0.9)
-    x = torch.randn(2, 16, 3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 16, 3, 2, dtype=torch.float64)
     params = (block.query_conv.weight, block.key_conv.weight, block.value_conv.weight)
 
     def fn(x, wq, wk, wv):
         weights = dict(zip(["query_conv.weight", "key_conv.weight", "value_conv.weight"], (wq, wk, wv)))
         return torch.func.functional_call(block, weights, (x,))[0]
 
-    inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    assert_gradcheck(fn, (x, *params), orders=(1, 2))
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -6,22 +6,15 @@ import pytest
 import torch
 
 import skd_kernels as sk
-from official_sagan import OfficialDiscriminator, official_adv_d, official_adv_g, official_gp
-
-from conftest import CPU_BACKENDS_HERE, run_python
+import official_sagan
+from official_sagan import official_adv_d, official_adv_g, official_gp
+from op_contract import cpu_peak_memory, needs_cpu_peak_memory
 
 FUSED_BACKEND = None  # the fused blocks use the default attention backend (C++ on CPU)
 
 
 def official_and_ours(mode=1, dtype=torch.float64, seed=0, attention="naive"):
-    torch.manual_seed(seed)
-    official = OfficialDiscriminator(mode, 19, 8, 65).to(dtype)
-    with torch.no_grad():
-        official.attn1.gamma.fill_(0.8)
-        official.attn2.gamma.fill_(-0.6)
-    ours = sk.Discriminator(mode, 19, 8, 65, attention=attention, backend=FUSED_BACKEND).to(dtype)
-    ours.load_state_dict(official.state_dict())
-    return official, ours
+    return official_sagan.official_and_ours(mode, dtype=dtype, seed=seed, attention=attention, backend=FUSED_BACKEND)
 
 
 def score_maps(batch, scale=3.0, dtype=torch.float64, seed=2, size=65):
@@ -183,13 +176,12 @@ def test_mismatched_shapes_raise():
         sk.HolisticDistillLoss(d, "wgan")
 
 
-MEMORY_SCRIPT = """
-import sys, torch, skd_kernels as sk
-from skd_kernels.memory import peak_memory_above_baseline
+MEMORY_SETUP = """
+import torch, skd_kernels as sk
 torch.manual_seed(0)
 size, batch = {size}, {batch}
 student, teacher = torch.randn(batch, 19, size, size), torch.randn(batch, 19, size, size)
-for attention in ["naive", "fused"]:
+def d_step(attention):
     d = sk.Discriminator(1, 19, 8, 65, attention=attention, backend={backend!r})
     loss = sk.HolisticDistillLoss(d)
     def step():
@@ -198,21 +190,17 @@ for attention in ["naive", "fused"]:
         else:
             loss.d_step(student, teacher)
         d.zero_grad(set_to_none=True)
-    step()
-    print(attention, peak_memory_above_baseline(step))
+    return step
 """
 
 
-@pytest.mark.skipif(not CPU_BACKENDS_HERE, reason="needs Linux /proc for CPU peak memory")
+@needs_cpu_peak_memory
 def test_fused_d_step_needs_at_most_a_third_of_the_naive_peak_memory():
     """Naive: the official D step (naive attention, D(T), D(S) and the penalty's graphs alive at one
     backward). Ours: fused attention and d_step (one graph alive at a time). At 512x512 (N = 4096 at
     attn1) the naive blocks' N x N maps and their double-backward graphs dominate. Batch 1 keeps CI
     fast: every term scales with the batch, so does the ratio (bench/bench_holistic.py: batch 8)."""
-    from skd_kernels.memory import CPU_MEASUREMENT_ENV
-
-    result = run_python(MEMORY_SCRIPT.format(size=512, batch=1, backend=FUSED_BACKEND), env=CPU_MEASUREMENT_ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    peaks = dict(line.split() for line in result.stdout.strip().splitlines())
-    naive, fused = int(peaks["naive"]), int(peaks["fused"])
+    setup = MEMORY_SETUP.format(size=512, batch=1, backend=FUSED_BACKEND)
+    peaks = cpu_peak_memory(setup, {attention: f"d_step({attention!r})" for attention in ("naive", "fused")})
+    naive, fused = peaks["naive"], peaks["fused"]
     assert fused * 3 <= naive, f"fused {fused / 2**20:.0f} MB vs naive {naive / 2**20:.0f} MB"

@@ -10,7 +10,10 @@ from skd_kernels.backends import passes
 from skd_kernels.ops.pairwise import core, lowrank, onednn, types
 from skd_kernels.reference import pairwise_distill_reference
 
-from conftest import CPU_BACKENDS_HERE, assert_grad_close, backend_device, run_python
+from conftest import backend_device
+from op_contract import (SUBNORMAL_ATOL, assert_compiles_like_eager, assert_gradcheck, assert_grads_near,
+                         assert_loss_near, cpu_peak_memory, fused_and_fp64_reference, loss_rtol, needs_cpu_peak_memory,
+                         stored_rtol)
 
 BACKENDS = ["cpu", "torch", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -23,15 +26,6 @@ CONFIGS = {
     "avg_3x2": dict(node_size=(3, 2), pooling="avg"),
     "every_position_paper": dict(normalization="paper"),
 }
-# Against the float64 reference on the same (rounded) inputs. The core runs in float64, or in
-# float32 when its estimated relative error is below lowrank.FLOAT32_LOSS_RTOL (CPU, non-fp64 input);
-# the loss is returned in float32, the gradients in the input dtype (fp16/bf16 rounding; fp16
-# gradients of a mean over M^2 pairs can be subnormal, spacing 2^-24).
-LOSS_RTOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
-GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-GRAD_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}
-
-
 def make_features(shape, dtype, device, seed=0, relu=False):
     b, cs, ct, h, w = shape
     g = torch.Generator().manual_seed(seed)
@@ -43,35 +37,28 @@ def make_features(shape, dtype, device, seed=0, relu=False):
 
 def fused_and_reference(student, teacher, backend, options, wrt_teacher=True):
     """(loss, grad S, grad T) from `backend` and from the float64 reference on the same values."""
-    s = student.detach().clone().requires_grad_()
-    t = teacher.detach().clone().requires_grad_(wrt_teacher)
-    loss = sk.pairwise_distill_loss(s, t, backend=backend, **options)
-    loss.backward()
-    s64 = student.detach().double().requires_grad_()
-    t64 = teacher.detach().double().requires_grad_(wrt_teacher)
     reference_options = {k: v for k, v in options.items() if k != "algorithm"}
-    ref = pairwise_distill_reference(s64, t64, **reference_options)
-    ref.backward()
-    return (loss, s.grad, t.grad), (ref, s64.grad, t64.grad)
+    return fused_and_fp64_reference(
+        lambda s, t: sk.pairwise_distill_loss(s, t, backend=backend, **options),
+        lambda s, t: pairwise_distill_reference(s, t, **reference_options),
+        (student, teacher), wrt=(True, wrt_teacher))
+
+
+# Against the float64 reference on the same (rounded) inputs. The core runs in float64, or in
+# float32 when its estimated relative error is below lowrank.FLOAT32_LOSS_RTOL (CPU, non-fp64 input);
+# the loss is returned in float32, the gradients in the input dtype (op_contract: per dtype).
+LOSS_RTOL = loss_rtol(float64=1e-11, float32=2e-5)
+GRAD_RTOL = stored_rtol(float64=1e-10, float32=2e-5)
 
 
 def assert_close(fused, reference, dtype):
-    (loss, gs, gt), (ref, ref_gs, ref_gt) = fused, reference
-    assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    got, want = float(loss.detach()), float(ref.detach())
+    (loss, *grads), (ref, *ref_grads) = fused, reference
     # Similarities are at most 1, so the loss is O(1) or a cancellation's rounding (one node): 1e-14.
-    assert abs(got - want) <= LOSS_RTOL[dtype] * abs(want) + 1e-14, f"loss {got!r} vs fp64 reference {want!r}"
-    for name, got_grad, ref_grad in (("grad student", gs, ref_gs), ("grad teacher", gt, ref_gt)):
-        if ref_grad is None:
-            assert got_grad is None, name
-            continue
-        tolerance = {"grad_rtol": GRAD_RTOL[dtype], "grad_atol": GRAD_ATOL[dtype]}
-        # Relative to the largest gradient, floored at 1e-3: features here are O(1), so a smaller
-        # gradient is a zero that rounding left behind (one node, student = teacher).
-        error = (got_grad.double().cpu() - ref_grad.cpu()).abs().max().item()
-        scale = max(ref_grad.abs().max().item(), 1e-3)
-        assert torch.isfinite(got_grad).all(), name
-        assert error <= tolerance["grad_rtol"] * scale + tolerance["grad_atol"], f"{name}: {error:.3g} vs max {scale:.3g}"
+    assert_loss_near(loss, ref, dtype, rtol=LOSS_RTOL[dtype], atol=1e-14)
+    # Relative to the largest gradient, floored at 1e-3: features here are O(1), so a smaller
+    # gradient is a zero that rounding left behind (one node, student = teacher).
+    assert_grads_near(grads, ref_grads, ("grad student", "grad teacher"), dtype, rtol=GRAD_RTOL[dtype],
+                      atol=SUBNORMAL_ATOL.get(dtype, 0.0), floor=1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -131,7 +118,7 @@ def test_gradcheck_fp64(backend, config, algorithm):
 
     # Max pooling is not differentiable at ties; random features have none. fast_mode checks random
     # projections of the Jacobian, one pair of evaluations each instead of one per input element.
-    assert torch.autograd.gradcheck(loss, (student.requires_grad_(), teacher.requires_grad_()), fast_mode=True)
+    assert_gradcheck(loss, (student, teacher), fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -142,7 +129,7 @@ def test_double_backward_matches_reference(backend):
     def loss(s, t):
         return sk.pairwise_distill_loss(s, t, node_size=(1, 2), pooling="avg", normalization="paper", backend=backend)
 
-    assert torch.autograd.gradgradcheck(loss, (student.requires_grad_(), teacher.requires_grad_()), fast_mode=True)
+    assert_gradcheck(loss, (student, teacher), orders=(2,), fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,8 +145,8 @@ def test_student_close_to_teacher_is_exact(backend, algorithm, normalization):
     (loss, gs, gt), (ref, ref_gs, ref_gt) = fused_and_reference(student, teacher, backend, options)
     assert 0 < float(ref.detach()) < 1e-6
     assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-6 * float(ref.detach())  # float32 output rounding
-    assert_grad_close(gs, ref_gs, torch.float32, "grad student", atol=1e-6 * float(ref_gs.abs().max()))
-    assert_grad_close(gt, ref_gt, torch.float32, "grad teacher", atol=1e-6 * float(ref_gt.abs().max()))
+    # float32's 2e-6 plus 1e-6 of the largest gradient, as the loss's bound above
+    assert_grads_near((gs, gt), (ref_gs, ref_gt), ("grad student", "grad teacher"), torch.float32, rtol=3e-6)
 
 
 def test_plain_float32_low_rank_fails_where_ours_is_exact():
@@ -402,40 +389,27 @@ def test_nan_input_is_rejected_when_finite_checks_are_on(monkeypatch):
 
 
 def test_torch_compile_fullgraph_traces_the_op():
-    torch._dynamo.reset()
     conv = torch.nn.Conv2d(3, 6, 1)
     x, teacher = torch.randn(2, 3, 6, 7), torch.randn(2, 5, 6, 7)
 
     def step(x, teacher):
         return sk.pairwise_distill_loss(conv(x), teacher, node_size=2, backend="cpu")
 
-    eager = step(x, teacher)
-    eager.backward()
-    expected = conv.weight.grad.clone()
-    conv.weight.grad = None
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, teacher)
-    compiled.backward()
-    assert torch.allclose(compiled, eager, rtol=1e-6)
-    assert torch.allclose(conv.weight.grad, expected, rtol=1e-5, atol=1e-9)
+    assert_compiles_like_eager(step, (x, teacher), parameters=conv.parameters())
 
 
-MEMORY_SCRIPT = """
+MEMORY_SETUP = """
 import torch, skd_kernels as sk
-from skd_kernels.memory import peak_memory_above_baseline
 s = torch.randn(2, 256, 129, 129).relu_().requires_grad_(); t = torch.randn(2, 256, 129, 129).relu_()
 def run():
     sk.pairwise_distill_loss(s, t, backend="cpu").backward(); s.grad = None
-run()  # warm-up: build, caches
-print(peak_memory_above_baseline(run) / (s.numel() * 4 + t.numel() * 4))
 """
 
 
-@pytest.mark.skipif(not CPU_BACKENDS_HERE, reason="needs Linux /proc for CPU peak memory")
+@needs_cpu_peak_memory
 def test_peak_memory_at_129x129_nodes_is_a_few_input_sizes():
     """B=2, C=256, 129 x 129 nodes: the naive form holds 2 x 2 x 16641^2 fp32 = 4.4 GB of similarity
     matrices (and more for their gradients); ours stays within three times the inputs."""
-    from skd_kernels.memory import CPU_MEASUREMENT_ENV
-
-    result = run_python(MEMORY_SCRIPT, env=CPU_MEASUREMENT_ENV)
-    assert result.returncode == 0, result.stderr
-    assert float(result.stdout.split()[-1]) <= 3.0, result.stdout
+    peak = cpu_peak_memory(MEMORY_SETUP, {"cpu": "run"})["cpu"]
+    inputs = 2 * (2 * 256 * 129 * 129 * 4)
+    assert peak <= 3.0 * inputs, f"{peak / inputs:.2f} input sizes"
