@@ -3,6 +3,7 @@ sees validated input and every error names the argument and what was expected.""
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
@@ -29,8 +30,9 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise TypeError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}; cast them to one dtype")
 
 
-def check_labels(labels, like: torch.Tensor, spatial: tuple) -> None:
-    """Integer label map (B, H, W) matching the logits `like` of shape (B, K, H, W)."""
+def check_labels(labels, like: torch.Tensor, spatial: tuple, ignore_index) -> None:
+    """Integer label map (B, H, W) matching the logits `like` of shape (B, K, H, W), whose dtype can
+    hold `ignore_index` (an int8 map never equals 255: every pixel would count, silently)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor (B, H, W) or None, got {type(labels).__name__}")
     expected = (like.shape[0], *spatial)
@@ -40,6 +42,15 @@ def check_labels(labels, like: torch.Tensor, spatial: tuple) -> None:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.device != like.device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {like.device}")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
+    limits = torch.iinfo(labels.dtype)
+    if not limits.min <= ignore_index <= limits.max:
+        raise ValueError(f"ignore_index={ignore_index} cannot occur in labels of dtype {labels.dtype} "
+                         f"(values {limits.min}..{limits.max}), so no pixel would be ignored; "
+                         f"use labels of a wider dtype (e.g. labels.long()) or another ignore_index")
 
 
 def check_positive(name: str, value) -> float:

@@ -23,7 +23,7 @@ _KL_FORMS = ("kl", "cvpr")  # forms whose per-pixel loss is a KL divergence; `of
 # `auto` on a GPU: the CUDA kernels measured faster than the Triton ones (bench/results/*_cuda.csv, H100).
 _GPU_PREFERENCE = ("cuda", "triton")
 
-def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student):
+def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student, ignore_index):
     check.check_float_tensor("student", student, 4, "(B, K, H, W)")
     check.check_float_tensor("teacher", teacher, 4, "(B, K, H, W)")
     check.check_same("student", student, "teacher", teacher)
@@ -44,7 +44,7 @@ def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_stude
                              "bilinearly to the teacher's size")
         student = F.interpolate(student, size=teacher.shape[2:], mode="bilinear", align_corners=True)
     if labels is not None:
-        check.check_labels(labels, student, tuple(teacher.shape[2:]))
+        check.check_labels(labels, student, tuple(teacher.shape[2:]), ignore_index)
         labels = labels.long()
     check.check_finite("student", student)
     check.check_finite("teacher", teacher)
@@ -72,7 +72,7 @@ def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
     Returns:
         The loss, a 0-d float32 tensor (float64 for float64 logits). With every pixel ignored it is 0.
     """
-    student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student)
+    student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student, ignore_index)
     name = resolve_backend(student.device.type, backend, gpu_preference=_GPU_PREFERENCE)
     if name == "torch":
         return pixelwise_distill_reference(student, teacher, labels, form=form, tau=tau,
