@@ -53,10 +53,39 @@ def check_labels(labels, like: torch.Tensor, spatial: tuple, ignore_index) -> No
                          f"use labels of a wider dtype (e.g. labels.long()) or another ignore_index")
 
 
+def check_nonempty_batch(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dim() == 0 or tensor.shape[0] == 0:
+        raise ValueError(f"{name} must hold a batch of at least one sample, got shape {tuple(tensor.shape)}")
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the discriminator is on {device}; move it there")
+
+
+def check_score_maps(name: str, maps, channels: int, device: torch.device) -> None:
+    """Discriminator input: float score maps (B, `channels`, H, W) with B >= 1, on `device`."""
+    check_float_tensor(name, maps, 4, f"(B, {channels}, H, W)")
+    check_nonempty_batch(name, maps)
+    if maps.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, as the discriminator was built for, got shape "
+                         f"{tuple(maps.shape)}")
+    check_device(name, maps, device)
+
+
 def check_positive(name: str, value) -> float:
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_scale(scale) -> float:
+    """The pair-wise node fraction: the official window is int(H*scale) x int(W*scale) of an H x W map,
+    so only 0 < scale <= 1 makes nodes; above 1 the window exceeds the map (one node, a loss of 0)."""
+    value = float(scale)
+    if not (0 < value <= 1):
+        raise ValueError(f"scale must be in (0, 1] (the node window is int(H*scale) x int(W*scale)), got {scale}")
     return value
 
 
