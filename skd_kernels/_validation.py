@@ -3,6 +3,7 @@ sees validated input and every error names the argument and what was expected.""
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
@@ -29,8 +30,9 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise TypeError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}; cast them to one dtype")
 
 
-def check_labels(labels, like: torch.Tensor, spatial: tuple) -> None:
-    """Integer label map (B, H, W) matching the logits `like` of shape (B, K, H, W)."""
+def check_labels(labels, like: torch.Tensor, spatial: tuple, ignore_index) -> None:
+    """Integer label map (B, H, W) matching the logits `like` of shape (B, K, H, W), whose dtype can
+    hold `ignore_index` (an int8 map never equals 255: every pixel would count, silently)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor (B, H, W) or None, got {type(labels).__name__}")
     expected = (like.shape[0], *spatial)
@@ -40,6 +42,35 @@ def check_labels(labels, like: torch.Tensor, spatial: tuple) -> None:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.device != like.device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {like.device}")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
+    limits = torch.iinfo(labels.dtype)
+    if not limits.min <= ignore_index <= limits.max:
+        raise ValueError(f"ignore_index={ignore_index} cannot occur in labels of dtype {labels.dtype} "
+                         f"(values {limits.min}..{limits.max}), so no pixel would be ignored; "
+                         f"use labels of a wider dtype (e.g. labels.long()) or another ignore_index")
+
+
+def check_nonempty_batch(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dim() == 0 or tensor.shape[0] == 0:
+        raise ValueError(f"{name} must hold a batch of at least one sample, got shape {tuple(tensor.shape)}")
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the discriminator is on {device}; move it there")
+
+
+def check_score_maps(name: str, maps, channels: int, device: torch.device) -> None:
+    """Discriminator input: float score maps (B, `channels`, H, W) with B >= 1, on `device`."""
+    check_float_tensor(name, maps, 4, f"(B, {channels}, H, W)")
+    check_nonempty_batch(name, maps)
+    if maps.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, as the discriminator was built for, got shape "
+                         f"{tuple(maps.shape)}")
+    check_device(name, maps, device)
 
 
 def check_positive(name: str, value) -> float:
@@ -53,6 +84,15 @@ def check_finite_number(name: str, value) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def check_scale(scale) -> float:
+    """The pair-wise node fraction: the official window is int(H*scale) x int(W*scale) of an H x W map,
+    so only 0 < scale <= 1 makes nodes; above 1 the window exceeds the map (one node, a loss of 0)."""
+    value = float(scale)
+    if not (0 < value <= 1):
+        raise ValueError(f"scale must be in (0, 1] (the node window is int(H*scale) x int(W*scale)), got {scale}")
     return value
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_choice
+from ._validation import check_choice, check_device, check_float_tensor, check_score_maps
 from .ops.attention import fused_attention
 
 ATTENTION_MODES = ("fused", "naive")
@@ -191,7 +191,9 @@ class Discriminator(nn.Module):
 
     image_size: the official module builds l4 only for image_size == 65 but its forward always
     runs l4, so only image_size=65 models ever worked. Ours always builds l4 (whatever image_size,
-    kept for the signature and as `imsize`); official checkpoints (image_size 65) load unchanged.
+    kept for the signature and as `imsize`); official checkpoints (image_size 65) load unchanged,
+    and l4 is registered first as in the official module, so parameters(), named_parameters() and
+    state_dict() list them in the official order (an official D optimiser's state loads by position).
     attn1/attn2 have 4*conv_dim and 8*conv_dim channels (the official hard-codes 256 and 512, equal
     for the default conv_dim 64). batch_size is unused, as in the official module.
 
@@ -207,10 +209,14 @@ class Discriminator(nn.Module):
         super().__init__()
         self.imsize = image_size
         self.input_channel, self.image_conditioned = input_channel, image_conditioned
-        self.l1 = _sn_conv_block(input_channel, conv_dim)
-        self.l2 = _sn_conv_block(conv_dim, conv_dim * 2)
-        self.l3 = _sn_conv_block(conv_dim * 2, conv_dim * 4)
+        # Built in the official order (same random draws), but registered l4 first as the official
+        # module does: parameters() and state_dict() then list them in its order, so an official D
+        # optimiser's state, matched by position, lands on the same parameters.
+        l1 = _sn_conv_block(input_channel, conv_dim)
+        l2 = _sn_conv_block(conv_dim, conv_dim * 2)
+        l3 = _sn_conv_block(conv_dim * 2, conv_dim * 4)
         self.l4 = _sn_conv_block(conv_dim * 4, conv_dim * 8)
+        self.l1, self.l2, self.l3 = l1, l2, l3
         self.last = nn.Sequential(nn.Conv2d(conv_dim * 8, 1, 4))
         self.attn1 = SelfAttention(conv_dim * 4, "relu", attention=attention, backend=backend)
         self.attn2 = SelfAttention(conv_dim * 8, "relu", attention=attention, backend=backend)
@@ -223,23 +229,34 @@ class Discriminator(nn.Module):
         self.attn1.attention = self.attn2.attention = attention
         return self
 
+    def check_input(self, x, image: Optional[torch.Tensor] = None, name: str = "x") -> None:
+        """Score maps `x` (B, K, H, W) this discriminator was built for, checked before any layer runs
+        (else the errors come from BatchNorm or attention): float, a non-empty batch, K =
+        input_channel (input_channel minus the image's channels when image-conditioned), on the
+        discriminator's device. `name` is the argument named in the error."""
+        device = self.last[0].weight.device
+        channels = self.input_channel
+        if self.image_conditioned:
+            check_float_tensor(name, x, 4, "(B, K, H, W)")
+            if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] != x.shape[0]:
+                raise ValueError("the image-conditioned discriminator needs image (B, 3, H_img, W_img) with the "
+                                 f"batch of {name} {tuple(x.shape)}, got "
+                                 f"{tuple(image.shape) if isinstance(image, torch.Tensor) else image!r}")
+            check_device("image", image, device)
+            channels -= image.shape[1]
+        check_score_maps(name, x, channels, device)
+
     def prepare(self, x: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The critic's input from score maps (B, K, H, W): preprocess, or cat(image, softmax(x))."""
-        if x.dim() != 4:
-            raise ValueError(f"x must be score maps (B, K, H, W), got shape {tuple(x.shape)}")
+        self.check_input(x, image)
         if not self.image_conditioned:
             return self.preprocess_additional(x)
-        if image is None or image.dim() != 4 or image.shape[0] != x.shape[0]:
-            raise ValueError("the image-conditioned discriminator needs image (B, 3, H_img, W_img) with the "
-                             f"batch of x {tuple(x.shape)}, got {None if image is None else tuple(image.shape)}")
         resized = F.interpolate(image.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=True)
         return torch.cat([resized, torch.softmax(x, dim=1)], dim=1)
 
     def critic(self, x: torch.Tensor, return_attention: bool = False) -> list:
         """The network after `prepare`: (B, input_channel, H, W) -> [out, attn1 map, attn2 map]."""
-        if x.shape[1] != self.input_channel:
-            raise ValueError(f"the discriminator's input must have {self.input_channel} channels, got "
-                             f"shape {tuple(x.shape)}")
+        check_score_maps("the discriminator's input", x, self.input_channel, self.last[0].weight.device)
         if min(x.shape[-2:]) < 64:
             raise ValueError(f"the discriminator needs inputs of at least 64x64, got {tuple(x.shape[-2:])}")
         out = self.l3(self.l2(self.l1(x)))

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._validation import check_choice
+from ._validation import check_choice, check_float_tensor, check_nonempty_batch, check_same
 
 ADV_TYPES = ("wgan-gp", "hinge")
 
@@ -45,6 +45,19 @@ def _check_pair(name_s: str, s: torch.Tensor, name_t: str, t: torch.Tensor) -> N
         raise TypeError(f"{name_s} and {name_t} must be tensors (or lists whose element 0 is one)")
     if s.shape != t.shape:
         raise ValueError(f"{name_s} {tuple(s.shape)} and {name_t} {tuple(t.shape)} must have the same shape")
+
+
+def _check_maps(discriminator: nn.Module, image: Optional[torch.Tensor], **maps) -> None:
+    """Score maps (B, K, H, W) given to a holistic loss, checked before the discriminator runs, so that
+    errors name the argument: the discriminator's own `check_input` when it has one (channels, device),
+    else float, 4-d and a non-empty batch."""
+    check_input = getattr(discriminator, "check_input", None)
+    for name, x in maps.items():
+        if check_input is not None:
+            check_input(x, image, name)
+        else:
+            check_float_tensor(name, x, 4, "(B, K, H, W)")
+            check_nonempty_batch(name, x)
 
 
 def adversarial_d_loss(d_out_s: torch.Tensor, d_out_t: torch.Tensor, adv_type: str = "wgan-gp") -> torch.Tensor:
@@ -75,6 +88,9 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, lambda_gp: 
     gradient at a zero input gradient is 0, not NaN (see the module docstring).
     """
     _check_pair("fake", fake, "real", real)
+    check_same("fake", fake, "real", real)
+    check_float_tensor("real", real, real.dim(), "(B, ...)")
+    check_nonempty_batch("real", real)
     b = real.shape[0]
     if alpha is None:
         # Drawn as the official code does (float32 on the CPU generator, then moved), so that a seed
@@ -124,6 +140,7 @@ class HolisticDistillLoss(nn.Module):
     def d_loss(self, student: torch.Tensor, teacher: torch.Tensor, image: Optional[torch.Tensor] = None,
                *, return_terms: bool = False):
         _check_pair("student", student, "teacher", teacher)
+        _check_maps(self.discriminator, image, student=student, teacher=teacher)
         critic, s_in, t_in = self._critic_and_inputs(student.detach(), teacher.detach(), image)
         # Teacher first, then student, then x_hat: the official order, which matters for the input
         # BatchNorm's running statistics and the spectral norms' power iterations.
@@ -146,6 +163,7 @@ class HolisticDistillLoss(nn.Module):
         instead of all three. Call optimiser.step() after it.
         """
         _check_pair("student", student, "teacher", teacher)
+        _check_maps(self.discriminator, image, student=student, teacher=teacher)
         critic, s_in, t_in = self._critic_and_inputs(student.detach(), teacher.detach(), image)
         w = self.weight
         if self.adv_type == "wgan-gp":
@@ -166,6 +184,7 @@ class HolisticDistillLoss(nn.Module):
         return w * (adversarial + penalty), adversarial, penalty
 
     def g_loss(self, student: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_maps(self.discriminator, image, student=student)
         return self.weight * adversarial_g_loss(_first(self.discriminator(student, image)
                                                        if self._conditioned() else self.discriminator(student)))
 
@@ -215,4 +234,5 @@ class CriterionAdditionalGP(nn.Module):
         self.D, self.lambda_gp = D_net, float(lambda_gp)
 
     def forward(self, d_in_S, d_in_T) -> torch.Tensor:
+        _check_maps(self.D, None, d_in_S=_first(d_in_S), d_in_T=_first(d_in_T))
         return gradient_penalty(self.D, _first(d_in_T), _first(d_in_S), self.lambda_gp)

@@ -81,10 +81,13 @@ class PairWiseDistillLoss(nn.Module):
 
 class CriterionPairWiseforWholeFeatAfterPool(PairWiseDistillLoss):
     """Drop-in for the official `CriterionPairWiseforWholeFeatAfterPool(scale, feat_ind)`: max-pooled
-    nodes of int(H*scale) x int(W*scale), norm detached, teacher detached, as the official module."""
+    nodes of int(H*scale) x int(W*scale), the norm detached, as the official module.
+
+    The teacher is *not* detached, as in the official module: its `feat_T.detach()` discards the
+    result, so a teacher whose features require grad gets the loss's gradient (through the
+    similarity's numerator; the norm is detached). A frozen teacher (no grad, the recipe) is
+    unaffected; detach the teacher's features yourself to stop it otherwise.
+    """
 
     def __init__(self, scale: float, feat_ind: int, backend: Optional[str] = None):
         super().__init__(scale=scale, feat_ind=feat_ind, backend=backend)
-
-    def forward(self, preds_S, preds_T) -> torch.Tensor:
-        return super().forward(preds_S, self._features(preds_T).detach())

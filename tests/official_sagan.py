@@ -72,15 +72,19 @@ class OfficialDiscriminator(nn.Module):
     def __init__(self, preprocess_GAN_mode, input_channel, batch_size=64, image_size=64, conv_dim=64):
         super().__init__()
         self.imsize = image_size
-        self.l1 = nn.Sequential(OfficialSpectralNorm(nn.Conv2d(input_channel, conv_dim, 4, 2, 1)), nn.LeakyReLU(0.1))
-        self.l2 = nn.Sequential(OfficialSpectralNorm(nn.Conv2d(conv_dim, conv_dim * 2, 4, 2, 1)), nn.LeakyReLU(0.1))
-        self.l3 = nn.Sequential(OfficialSpectralNorm(nn.Conv2d(conv_dim * 2, conv_dim * 4, 4, 2, 1)),
-                                nn.LeakyReLU(0.1))
+        # The official builds the layers' lists in order but assigns self.l4 before l1..l3, so l4 is
+        # registered first (parameters() and state_dict() list it first).
+        layer1 = [OfficialSpectralNorm(nn.Conv2d(input_channel, conv_dim, 4, 2, 1)), nn.LeakyReLU(0.1)]
+        layer2 = [OfficialSpectralNorm(nn.Conv2d(conv_dim, conv_dim * 2, 4, 2, 1)), nn.LeakyReLU(0.1)]
+        layer3 = [OfficialSpectralNorm(nn.Conv2d(conv_dim * 2, conv_dim * 4, 4, 2, 1)), nn.LeakyReLU(0.1)]
         curr_dim = conv_dim * 4
         if image_size == 65:
             self.l4 = nn.Sequential(OfficialSpectralNorm(nn.Conv2d(curr_dim, curr_dim * 2, 4, 2, 1)),
                                     nn.LeakyReLU(0.1))
             curr_dim *= 2
+        self.l1 = nn.Sequential(*layer1)
+        self.l2 = nn.Sequential(*layer2)
+        self.l3 = nn.Sequential(*layer3)
         self.last = nn.Sequential(nn.Conv2d(curr_dim, 1, 4))
         self.attn1 = OfficialSelfAttn(256, "relu")
         self.attn2 = OfficialSelfAttn(512, "relu")

@@ -181,3 +181,31 @@ def test_bad_arguments_raise_clear_errors():
         d(torch.randn(1, 18, 65, 65))
     with pytest.raises(ValueError, match=r"\(B, 32, H, W\)"):
         sk.SelfAttention(32)(torch.randn(1, 16, 4, 4))
+
+
+def test_parameter_order_matches_the_official_discriminator():
+    # The official registers l4 before l1..l3; optimisers and their state_dicts go by that order.
+    official, ours = official_and_ours()
+    names = [n for n, _ in ours.named_parameters()]
+    assert names == [n for n, _ in official.named_parameters()]
+    assert names[0].startswith("l4.") and list(ours.state_dict())[0].startswith("l4.")
+
+
+def test_official_d_optimizer_state_loads_onto_the_same_parameters():
+    # The official D optimiser: SGD with momentum over the parameters that require grad. Its state is
+    # keyed by position; after loading, each of our parameters must get its namesake's momentum.
+    official, ours = official_and_ours(dtype=torch.float32, attention="naive")
+    trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    official_opt = torch.optim.SGD(trainable(official), lr=4e-4, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(3)
+    official(torch.randn(2, 19, 65, 65))[0].mean().backward()
+    official_opt.step()
+    ours.load_state_dict(official.state_dict())
+    ours_opt = torch.optim.SGD(trainable(ours), lr=4e-4, momentum=0.9, weight_decay=5e-4)
+    ours_opt.load_state_dict(official_opt.state_dict())
+    official_buffers = {n: official_opt.state[p]["momentum_buffer"] for n, p in official.named_parameters()
+                        if p.requires_grad}
+    ours_buffers = {n: ours_opt.state[p]["momentum_buffer"] for n, p in ours.named_parameters() if p.requires_grad}
+    assert official_buffers.keys() == ours_buffers.keys()
+    for name, buffer in official_buffers.items():
+        assert ours_buffers[name].shape == buffer.shape and torch.equal(ours_buffers[name], buffer), name

@@ -335,7 +335,7 @@ def test_auto_algorithm_chooses_by_flops():
     assert core.choose_algorithm(4225, 512, 512, False) == "lowrank"  # 65 x 65 nodes
 
 
-def test_official_module_reads_feat_ind_and_detaches_teacher():
+def test_official_module_reads_feat_ind_and_keeps_the_teacher_graph():
     student, teacher = make_features((2, 4, 8, 9, 9), torch.float32, "cpu", seed=12)
     s, t = student.requires_grad_(), teacher.requires_grad_()
     criterion = sk.CriterionPairWiseforWholeFeatAfterPool(scale=0.5, feat_ind=-5)
@@ -345,7 +345,7 @@ def test_official_module_reads_feat_ind_and_detaches_teacher():
     loss.backward()
     ref = pairwise_distill_reference(student.detach().double(), teacher.detach().double(), scale=0.5)
     assert float(loss.detach()) == pytest.approx(float(ref), rel=2e-5)
-    assert s.grad is not None and t.grad is None
+    assert s.grad is not None and t.grad is not None  # the official detach is a no-op
     module = sk.PairWiseDistillLoss(scale=None, node_size=2, normalization="paper")
     assert float(module(student, teacher).detach()) == pytest.approx(
         float(pairwise_distill_reference(student.detach().double(), teacher.detach().double(), node_size=2,
@@ -413,3 +413,50 @@ def test_peak_memory_at_129x129_nodes_is_a_few_input_sizes():
     peak = cpu_peak_memory(MEMORY_SETUP, {"cpu": "run"})["cpu"]
     inputs = 2 * (2 * 256 * 129 * 129 * 4)
     assert peak <= 3.0 * inputs, f"{peak / inputs:.2f} input sizes"
+
+
+def official_criterion_pairwise(feat_s, feat_t, scale):
+    """The official CriterionPairWiseforWholeFeatAfterPool.forward on two feature maps, as SKD.md
+    states it, with its `feat_T.detach()` whose result is discarded (so the teacher keeps its graph)."""
+    feat_t.detach()
+    window = (int(feat_t.shape[2] * scale), int(feat_t.shape[3] * scale))
+    pool = torch.nn.MaxPool2d(window, stride=window, padding=0, ceil_mode=True)
+
+    def similarity(feat):
+        feat = feat.float() if feat.dtype != torch.float64 else feat
+        norm = feat.pow(2).sum(dim=1, keepdim=True).sqrt().detach() + 1e-8
+        feat = (feat / norm).flatten(2)
+        return torch.einsum("icm,icn->imn", feat, feat)
+
+    nodes_s, nodes_t = pool(feat_s), pool(feat_t)
+    m = nodes_t.shape[-1] * nodes_t.shape[-2]
+    return ((similarity(nodes_t) - similarity(nodes_s)) ** 2 / m**2 / nodes_t.shape[0]).sum()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_official_module_gives_a_trainable_teacher_the_official_gradient(backend):
+    student, teacher = make_features((2, 4, 8, 9, 9), torch.float64, "cpu", seed=13)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    criterion = sk.CriterionPairWiseforWholeFeatAfterPool(scale=0.5, feat_ind=-5, backend=backend)
+    criterion([None, None, s, None, None, None, None], [None, None, t, None, None, None, None]).backward()
+    s_ref, t_ref = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    official_criterion_pairwise(s_ref, t_ref, 0.5).backward()
+    assert t_ref.grad.abs().max() > 0  # the official loss does reach the teacher
+    assert torch.allclose(t.grad, t_ref.grad, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(s.grad, s_ref.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, 1.5, 2.0, float("inf"), float("nan")])
+def test_scale_outside_zero_one_is_rejected(scale):
+    student, teacher = make_features((2, 3, 4, 5, 5), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"scale must be in \(0, 1\]"):
+        sk.pairwise_distill_loss(student, teacher, scale=scale)
+    with pytest.raises(ValueError, match=r"scale must be in \(0, 1\]"):
+        sk.CriterionPairWiseforWholeFeatAfterPool(scale=scale, feat_ind=-5)([student] * 5, [teacher] * 5)
+
+
+def test_scale_one_makes_one_node_per_image():
+    # The boundary of the accepted range: the window is the whole map, one node, similarity 1 for both.
+    student, teacher = make_features((2, 3, 4, 5, 5), torch.float64, "cpu")
+    loss = sk.pairwise_distill_loss(student, teacher, scale=1.0, backend="torch")
+    assert float(loss) == pytest.approx(0.0, abs=1e-12)

@@ -328,3 +328,103 @@ def test_weight_is_folded_into_the_loss_and_its_gradients(backend, form):
     assert torch.allclose(weighted_s.grad, 10.0 * plain_s.grad, rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="weight must be a finite number"):
         sk.pixelwise_distill_loss(s, t, weight=float("nan"))
+
+
+# --- infinite logits ------------------------------------------------------------------------------
+# The fused kernels give what the official loss (the reference) gives: a -inf student logit under a
+# positive teacher weight makes the loss +inf with a finite student gradient, a +inf logit makes
+# everything NaN. They differ where the reference computes 0 * inf: a class whose teacher weight is
+# 0 adds nothing (0 log 0 = 0), and an ignored pixel's gradients are 0.
+
+INF_FORMS = {"official": dict(form="official"), "kl": dict(form="kl"), "cvpr": dict(form="cvpr")}
+
+
+def assert_same_nonfinite_and_close(got, ref, name):
+    """Same NaN and +-inf positions as `ref`, the finite values within fp32 tolerance."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{name}: NaN at {got} vs reference {ref}"
+    assert torch.equal(torch.isposinf(got), torch.isposinf(ref)), f"{name}: +inf at {got} vs reference {ref}"
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref)), f"{name}: -inf at {got} vs reference {ref}"
+    finite = torch.isfinite(ref)
+    assert_grad_close(got[finite].float(), ref[finite], torch.float32, name)
+
+
+def logits_with(device, student_value=None, teacher_value=None, classes=(0, 2)):
+    """Logits (2, 5, 3, 4) with `value` at pixel (0, 1, 2) in the given classes (the first class
+    included: the CUDA kernel's online softmax meets it while its running max is still -inf)."""
+    student, teacher = make_logits((2, 5, 3, 4), 1.0, torch.float32, device)
+    for c in classes:
+        if student_value is not None:
+            student[0, c, 1, 2] = student_value
+        if teacher_value is not None:
+            teacher[0, c, 1, 2] = teacher_value
+    return student, teacher
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", INF_FORMS)
+def test_minus_infinity_student_logit_gives_the_official_infinite_loss(backend, form):
+    device = backend_device(backend)
+    student, teacher = logits_with(device, student_value=float("-inf"))
+    (loss, gs, gt), (ref, ref_gs, ref_gt) = fused_and_reference(student, teacher, None, backend, INF_FORMS[form])
+    assert float(ref.detach()) == float("inf") and float(loss.detach()) == float("inf"), loss
+    assert_same_nonfinite_and_close(gs, ref_gs, "student gradient")  # finite: p_s - q_t
+    assert_same_nonfinite_and_close(gt, ref_gt, "teacher gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_infinity_teacher_logit_matches_the_official_loss(backend):
+    # The official form never takes the teacher's log, so its reference is finite here.
+    device = backend_device(backend)
+    student, teacher = logits_with(device, teacher_value=float("-inf"))
+    (loss, gs, gt), (ref, ref_gs, ref_gt) = fused_and_reference(student, teacher, None, backend, dict(form="official"))
+    assert_loss_close(loss, ref, torch.float32)
+    assert_grad_close(gs, ref_gs, torch.float32, "student gradient")
+    assert_grad_close(gt, ref_gt, torch.float32, "teacher gradient")
+    assert (gt[0, [0, 2], 1, 2] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("form", INF_FORMS)
+def test_class_minus_infinity_in_both_logits_adds_nothing(backend, form):
+    # The reference computes 0 * -inf = NaN here; the kernels drop the class, as if it were absent.
+    device = backend_device(backend)
+    student, teacher = logits_with(device, float("-inf"), float("-inf"), classes=(0,))
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    loss = sk.pixelwise_distill_loss(s, t, backend=backend, **INF_FORMS[form])
+    loss.backward()
+    # A logit of -1e4 has probability exactly 0 in fp64 too: the fp64 reference without the class.
+    masked_s = torch.where(torch.isinf(student), -1e4, student)
+    masked_t = torch.where(torch.isinf(teacher), -1e4, teacher)
+    (_, _, _), (ref, ref_gs, ref_gt) = fused_and_reference(masked_s, masked_t, None, backend, INF_FORMS[form])
+    assert_loss_close(loss, ref, torch.float32)
+    assert_grad_close(s.grad, ref_gs, torch.float32, "student gradient")
+    assert_grad_close(t.grad, ref_gt, torch.float32, "teacher gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", INF_FORMS)
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_plus_infinity_logit_gives_nan_like_the_reference(backend, form, where):
+    device = backend_device(backend)
+    value = {f"{where}_value": float("inf")}
+    student, teacher = logits_with(device, classes=(0,), **value)
+    (loss, gs, gt), (ref, _, _) = fused_and_reference(student, teacher, None, backend, INF_FORMS[form])
+    assert torch.isnan(ref) and torch.isnan(loss), loss
+    assert torch.isnan(gs[0, :, 1, 2]).all() and torch.isnan(gt[0, :, 1, 2]).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("form", ["kl", "cvpr"])
+def test_ignored_pixel_with_infinite_logit_adds_nothing(backend, form):
+    device = backend_device(backend)
+    student, teacher = logits_with(device, student_value=float("-inf"))
+    labels = torch.zeros((2, 3, 4), dtype=torch.long, device=device)
+    labels[0, 1, 2] = 255
+    (loss, gs, gt), (ref, ref_gs, ref_gt) = fused_and_reference(student, teacher, labels, backend, INF_FORMS[form])
+    assert_loss_close(loss, ref, torch.float32)
+    assert (gs[0, :, 1, 2] == 0).all() and (gt[0, :, 1, 2] == 0).all()
+    keep = torch.ones_like(ref_gt, dtype=torch.bool)
+    keep[0, :, 1, 2] = False  # the reference's teacher gradient there is NaN (0 * inf in its backward)
+    assert_grad_close(gs[keep], ref_gs[keep], torch.float32, "student gradient")
+    assert_grad_close(gt[keep], ref_gt[keep], torch.float32, "teacher gradient")

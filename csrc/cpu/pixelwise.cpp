@@ -49,14 +49,18 @@ void load_block(const PixelwiseProblem& p, int64_t b, int64_t h, int64_t w0, int
 
 // The per-class term l_c whose q_t-weighted mean is the pixel's loss (up to log-partition terms):
 // cross-entropy l_c = -(s - ms) >= 0; KL l_c = (t - mt) - (s - ms), ~0 when S ~ T, so neither
-// form subtracts large numbers. Inputs are clamped to finite values so that a -inf logit, whose
-// teacher weight is 0, adds 0 rather than 0 * inf; a NaN passes through.
+// form subtracts large numbers. Unclamped: a -inf student logit under a positive teacher weight
+// makes the loss +inf, as in the official loss.
 template <typename Acc, PixelLoss kLoss>
 inline Acc class_term(Acc xs, Acc xt) {
-  const Acc lowest = std::numeric_limits<Acc>::lowest() / 4;
-  xs = xs < lowest ? lowest : xs;
-  xt = xt < lowest ? lowest : xt;
   return kLoss == PixelLoss::KL ? xt - xs : -xs;
+}
+
+// weight * value, where a class of teacher weight exactly 0 (a -inf teacher logit) adds 0 even when
+// `value` is infinite: the 0 log 0 = 0 of the KL. A NaN weight fails the test and stays NaN.
+template <typename Acc>
+inline Acc weighted(Acc weight, Acc value) {
+  return weight == Acc(0) ? Acc(0) : weight * value;
 }
 
 // Per-pixel statistics: maxima, partition sums, and e = sum_c q_t * l_c with the stable per-class
@@ -87,7 +91,7 @@ void block_statistics(int64_t classes, int64_t n, Scratch<Acc>& sc) {
       et[j] = exp_nonpositive(xt);
       sc.zs[j] += es[j];
       sc.zt[j] += et[j];
-      sc.e[j] += et[j] * class_term<Acc, kLoss>(xs, xt);
+      sc.e[j] += weighted(et[j], class_term<Acc, kLoss>(xs, xt));
     }
   }
   for (int64_t j = 0; j < n; ++j) sc.e[j] /= sc.zt[j];
@@ -97,11 +101,11 @@ template <typename Scalar, typename Acc, PixelLoss kLoss>
 void store_gradients(const PixelwiseProblem& p, int64_t b, int64_t h, int64_t w0, int64_t n,
                      const bool* valid, Scratch<Acc>& sc) {
   const Acc g = static_cast<Acc>(*p.scale) * static_cast<Acc>(p.inv_tau);
-  Acc rzs[kBlock], rzt[kBlock], vs[kBlock];
+  // Ignored pixels get exactly 0, selected rather than multiplied: their gradient may be inf or NaN.
+  Acc rzs[kBlock], rzt[kBlock];
   for (int64_t j = 0; j < n; ++j) {
     rzs[j] = Acc(1) / sc.zs[j];
     rzt[j] = Acc(1) / sc.zt[j];
-    vs[j] = valid[j] ? g : Acc(0);
   }
   for (int64_t c = 0; c < p.classes; ++c) {
     const Acc* es = &sc.es[c * kBlock];
@@ -110,7 +114,8 @@ void store_gradients(const PixelwiseProblem& p, int64_t b, int64_t h, int64_t w0
       Scalar* out = static_cast<Scalar*>(p.grad_student) + b * p.grad_student_strides[0] +
                     c * p.grad_student_strides[1] + h * p.grad_student_strides[2] + w0 * p.grad_student_strides[3];
       const int64_t sw = p.grad_student_strides[3];
-      for (int64_t j = 0; j < n; ++j) store(out + j * sw, vs[j] * (es[j] * rzs[j] - et[j] * rzt[j]));
+      for (int64_t j = 0; j < n; ++j)
+        store(out + j * sw, valid[j] ? g * (es[j] * rzs[j] - et[j] * rzt[j]) : Acc(0));
     }
     if (p.grad_teacher) {
       // d loss / d t_c = q_t,c (l_c - e): the teacher's weight times its class's excess over the mean.
@@ -121,7 +126,7 @@ void store_gradients(const PixelwiseProblem& p, int64_t b, int64_t h, int64_t w0
       const int64_t sw = p.grad_teacher_strides[3];
       for (int64_t j = 0; j < n; ++j) {
         const Acc l = class_term<Acc, kLoss>(s[j] - sc.ms[j], t[j] - sc.mt[j]);
-        store(out + j * sw, vs[j] * et[j] * rzt[j] * (l - sc.e[j]));
+        store(out + j * sw, valid[j] ? g * rzt[j] * weighted(et[j], l - sc.e[j]) : Acc(0));
       }
     }
   }

@@ -18,13 +18,18 @@ namespace {
 template <typename Acc> __device__ __forceinline__ Acc stable_exp(Acc x) { return exp(x); }
 template <> __device__ __forceinline__ float stable_exp<float>(float x) { return expf(x); }
 
-// See the CPU kernel: l_c whose q_t-weighted mean gives the loss without cancellation.
+// See the CPU kernel: l_c whose q_t-weighted mean gives the loss without cancellation; unclamped,
+// so a -inf student logit under a positive teacher weight gives +inf, as in the official loss.
 template <typename Acc, bool kKL>
 __device__ __forceinline__ Acc class_term(Acc xs, Acc xt) {
-  const Acc lowest = -1e30;  // -inf logits have teacher weight 0; keep 0 * term finite
-  xs = xs < lowest ? lowest : xs;
-  xt = xt < lowest ? lowest : xt;
   return kKL ? xt - xs : -xs;
+}
+
+// weight * value, where a class of teacher weight exactly 0 (a -inf teacher logit) adds 0 even when
+// `value` is infinite (0 log 0 = 0); a NaN weight stays NaN.
+template <typename Acc>
+__device__ __forceinline__ Acc weighted(Acc weight, Acc value) {
+  return weight == Acc(0) ? Acc(0) : weight * value;
 }
 
 template <typename Scalar, typename Acc, bool kKL>
@@ -48,22 +53,24 @@ __global__ void pixelwise_kernel(PixelwiseProblem p) {
   Acc ms = -INFINITY, mt = -INFINITY, zs = 0, zt = 0;
   for (int64_t c = 0; c < p.classes; ++c) {
     const Acc s = to_float(s_ptr[c * ss]), t = to_float(t_ptr[c * ts]);
-    if (s > ms) { zs = zs * stable_exp((ms - s) * inv_tau) + 1; ms = s; } else { zs += stable_exp((s - ms) * inv_tau); }
-    if (t > mt) { zt = zt * stable_exp((mt - t) * inv_tau) + 1; mt = t; } else { zt += stable_exp((t - mt) * inv_tau); }
+    // A -inf logit adds exp(-inf) = 0: skipped, since while the max is still -inf, s - max is NaN.
+    if (s > ms) { zs = zs * stable_exp((ms - s) * inv_tau) + 1; ms = s; } else if (s != -INFINITY) { zs += stable_exp((s - ms) * inv_tau); }
+    if (t > mt) { zt = zt * stable_exp((mt - t) * inv_tau) + 1; mt = t; } else if (t != -INFINITY) { zt += stable_exp((t - mt) * inv_tau); }
   }
   const Acc rzs = Acc(1) / zs, rzt = Acc(1) / zt;
-  const Acc g = valid ? static_cast<Acc>(*p.scale) * inv_tau : Acc(0);
+  // Ignored pixels get exactly 0, selected rather than multiplied: their gradient may be inf or NaN.
+  const Acc g = static_cast<Acc>(*p.scale) * inv_tau;
 
   // Pass 2: loss term and the student's gradient.
   Acc e = 0;
   for (int64_t c = 0; c < p.classes; ++c) {
     const Acc xs = (to_float(s_ptr[c * ss]) - ms) * inv_tau, xt = (to_float(t_ptr[c * ts]) - mt) * inv_tau;
     const Acc es = stable_exp(xs), et = stable_exp(xt);
-    e += et * class_term<Acc, kKL>(xs, xt);
+    e += weighted(et, class_term<Acc, kKL>(xs, xt));
     if (p.grad_student) {
       Scalar* out = static_cast<Scalar*>(p.grad_student) + b * p.grad_student_strides[0] + c * p.grad_student_strides[1] +
                     h * p.grad_student_strides[2] + w * p.grad_student_strides[3];
-      store(out, g * (es * rzs - et * rzt));
+      store(out, valid ? g * (es * rzs - et * rzt) : Acc(0));
     }
   }
   e *= rzt;
@@ -77,7 +84,7 @@ __global__ void pixelwise_kernel(PixelwiseProblem p) {
       const Acc xs = (to_float(s_ptr[c * ss]) - ms) * inv_tau, xt = (to_float(t_ptr[c * ts]) - mt) * inv_tau;
       Scalar* out = static_cast<Scalar*>(p.grad_teacher) + b * p.grad_teacher_strides[0] + c * p.grad_teacher_strides[1] +
                     h * p.grad_teacher_strides[2] + w * p.grad_teacher_strides[3];
-      store(out, g * stable_exp(xt) * rzt * (class_term<Acc, kKL>(xs, xt) - e));
+      store(out, valid ? g * rzt * weighted(stable_exp(xt), class_term<Acc, kKL>(xs, xt) - e) : Acc(0));
     }
   }
 }

@@ -20,7 +20,9 @@ from ._fused_gradient import register_fused_gradient_op
 
 _KL_FORMS = ("kl", "cvpr")  # forms whose per-pixel loss is a KL divergence; `official` is soft CE
 
-def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student):
+
+
+def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student, ignore_index):
     check.check_float_tensor("student", student, 4, "(B, K, H, W)")
     check.check_float_tensor("teacher", teacher, 4, "(B, K, H, W)")
     check.check_same("student", student, "teacher", teacher)
@@ -41,7 +43,7 @@ def _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_stude
                              "bilinearly to the teacher's size")
         student = F.interpolate(student, size=teacher.shape[2:], mode="bilinear", align_corners=True)
     if labels is not None:
-        check.check_labels(labels, student, tuple(teacher.shape[2:]))
+        check.check_labels(labels, student, tuple(teacher.shape[2:]), ignore_index)
         labels = labels.long()
     check.check_finite("student", student)
     check.check_finite("teacher", teacher)
@@ -71,7 +73,8 @@ def pixelwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
     Returns:
         The loss, a 0-d float32 tensor (float64 for float64 logits). With every pixel ignored it is 0.
     """
-    student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student)
+    student, labels, tau = _check_inputs(student, teacher, labels, form, tau, tau_squared, resize_student,
+                                         ignore_index)
     weight = check.check_finite_number("weight", weight)
     name = resolve("pixelwise", student.device.type, backend)
     grad_enabled = torch.is_grad_enabled()

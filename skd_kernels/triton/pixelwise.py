@@ -55,14 +55,16 @@ def _pixelwise_kernel(
     et = tl.exp(xt)
     zs = tl.sum(es, axis=0)
     zt = tl.sum(et, axis=0)
-    # The per-class term whose q_t-weighted mean is the loss (see csrc/cpu/pixelwise.cpp). Clamped
-    # to finite values: padded classes and -inf logits have teacher weight 0 and must add 0, not NaN.
-    xs_finite = tl.maximum(xs, -1e30)
+    # The per-class term whose q_t-weighted mean is the loss (see csrc/cpu/pixelwise.cpp), unclamped:
+    # a -inf student logit under a positive teacher weight gives +inf, as in the official loss.
     if KL:
-        term = tl.maximum(xt, -1e30) - xs_finite
+        term = xt - xs
     else:
-        term = -xs_finite
-    e = tl.sum(et * term, axis=0) / zt
+        term = -xs
+    # A class of teacher weight exactly 0 (padded, or a -inf teacher logit) adds 0 even where its
+    # term is infinite (0 log 0 = 0); a NaN weight stays NaN.
+    no_weight = et == 0.0
+    e = tl.sum(tl.where(no_weight, 0.0, et * term), axis=0) / zt
     loss = e + tl.log(zs)
     if KL:
         loss -= tl.log(zt)
@@ -73,14 +75,16 @@ def _pixelwise_kernel(
         valid = valid & (label != ignore_index)
     tl.store(loss_ptr + b * H * W + pixels, tl.where(valid, loss, 0.0).to(tl.float64), mask=p_mask)
 
+    # Ignored pixels get exactly 0, selected rather than multiplied: their gradient may be inf or NaN.
     g = tl.load(scale_ptr).to(acc) * inv_tau
-    g = tl.where(valid, g, 0.0)[None, :]
     if GRAD_S:
-        grad = g * (es / zs[None, :] - et / zt[None, :])
+        grad = tl.where(valid[None, :], g * (es / zs[None, :] - et / zt[None, :]), 0.0)
         off = b * gs_sb + classes[:, None] * gs_sk + (h * gs_sh + w * gs_sw)[None, :]
         tl.store(gs_ptr + off, grad.to(gs_ptr.dtype.element_ty), mask=mask)
     if GRAD_T:
-        grad = g * (et / zt[None, :]) * (term - e[None, :])
+        # 1 / zt outside the select: NaN when the teacher has a +inf logit, as in the reference.
+        grad = (g / zt[None, :]) * tl.where(no_weight, 0.0, et * (term - e[None, :]))
+        grad = tl.where(valid[None, :], grad, 0.0)
         off = b * gt_sb + classes[:, None] * gt_sk + (h * gt_sh + w * gt_sw)[None, :]
         tl.store(gt_ptr + off, grad.to(gt_ptr.dtype.element_ty), mask=mask)
 

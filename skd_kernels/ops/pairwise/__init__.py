@@ -38,7 +38,7 @@ def node_window(student: torch.Tensor, teacher: torch.Tensor, scale, node_size) 
         raise ValueError("give either scale (the official node size int(H*scale) x int(W*scale)) or "
                          "node_size, not both")
     if scale is not None:
-        scale = check.check_positive("scale", scale)
+        scale = check.check_scale(scale)
         window = official_pairwise_window(teacher, scale)
         if min(window) < 1:
             raise ValueError(f"scale={scale} gives an empty node window {window} for "
