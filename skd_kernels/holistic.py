@@ -31,13 +31,9 @@ import torch
 from torch import nn
 
 from ._validation import check_choice, check_float_tensor, check_nonempty_batch, check_same
+from .modules import first_output
 
 ADV_TYPES = ("wgan-gp", "hinge")
-
-
-def _first(preds):
-    """The official criteria take the outputs as lists and read element 0."""
-    return preds[0] if isinstance(preds, (list, tuple)) else preds
 
 
 def _check_pair(name_s: str, s: torch.Tensor, name_t: str, t: torch.Tensor) -> None:
@@ -98,7 +94,7 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, lambda_gp: 
         alpha = torch.rand(b)
     alpha = alpha.to(real.device, real.dtype).reshape(b, *([1] * (real.dim() - 1)))
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-    out = _first(critic(x_hat))
+    out = first_output(critic(x_hat))
     (grad,) = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True)
     compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
     norm = torch.linalg.vector_norm(grad.reshape(b, -1).to(compute), dim=1)
@@ -144,8 +140,8 @@ class HolisticDistillLoss(nn.Module):
         critic, s_in, t_in = self._critic_and_inputs(student.detach(), teacher.detach(), image)
         # Teacher first, then student, then x_hat: the official order, which matters for the input
         # BatchNorm's running statistics and the spectral norms' power iterations.
-        d_out_t = _first(critic(t_in))
-        d_out_s = _first(critic(s_in))
+        d_out_t = first_output(critic(t_in))
+        d_out_s = first_output(critic(s_in))
         adversarial = adversarial_d_loss(d_out_s, d_out_t, self.adv_type)
         penalty = adversarial.new_zeros(())
         if self.adv_type == "wgan-gp":
@@ -167,13 +163,13 @@ class HolisticDistillLoss(nn.Module):
         critic, s_in, t_in = self._critic_and_inputs(student.detach(), teacher.detach(), image)
         w = self.weight
         if self.adv_type == "wgan-gp":
-            real = -_first(critic(t_in)).mean()
+            real = -first_output(critic(t_in)).mean()
             (w * real).backward()
-            fake = _first(critic(s_in)).mean()
+            fake = first_output(critic(s_in)).mean()
         else:
-            real = torch.relu(1.0 - _first(critic(t_in))).mean()
+            real = torch.relu(1.0 - first_output(critic(t_in))).mean()
             (w * real).backward()
-            fake = torch.relu(1.0 + _first(critic(s_in))).mean()
+            fake = torch.relu(1.0 + first_output(critic(s_in))).mean()
         (w * fake).backward()
         adversarial = (real + fake).detach()
         penalty = adversarial.new_zeros(())
@@ -185,7 +181,7 @@ class HolisticDistillLoss(nn.Module):
 
     def g_loss(self, student: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_maps(self.discriminator, image, student=student)
-        return self.weight * adversarial_g_loss(_first(self.discriminator(student, image)
+        return self.weight * adversarial_g_loss(first_output(self.discriminator(student, image)
                                                        if self._conditioned() else self.discriminator(student)))
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, image: Optional[torch.Tensor] = None):
@@ -208,7 +204,7 @@ class CriterionAdv(nn.Module):
         self.adv_loss = adv_type
 
     def forward(self, d_out_S, d_out_T) -> torch.Tensor:
-        return adversarial_d_loss(_first(d_out_S), _first(d_out_T), self.adv_loss)
+        return adversarial_d_loss(first_output(d_out_S), first_output(d_out_T), self.adv_loss)
 
 
 class CriterionAdvForG(nn.Module):
@@ -221,7 +217,7 @@ class CriterionAdvForG(nn.Module):
         self.adv_loss = adv_type
 
     def forward(self, d_out_S, d_out_S_no_use=None) -> torch.Tensor:
-        return adversarial_g_loss(_first(d_out_S))
+        return adversarial_g_loss(first_output(d_out_S))
 
 
 class CriterionAdditionalGP(nn.Module):
@@ -234,5 +230,5 @@ class CriterionAdditionalGP(nn.Module):
         self.D, self.lambda_gp = D_net, float(lambda_gp)
 
     def forward(self, d_in_S, d_in_T) -> torch.Tensor:
-        _check_maps(self.D, None, d_in_S=_first(d_in_S), d_in_T=_first(d_in_T))
-        return gradient_penalty(self.D, _first(d_in_T), _first(d_in_S), self.lambda_gp)
+        _check_maps(self.D, None, d_in_S=first_output(d_in_S), d_in_T=first_output(d_in_T))
+        return gradient_penalty(self.D, first_output(d_in_T), first_output(d_in_S), self.lambda_gp)

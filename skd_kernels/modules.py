@@ -10,8 +10,9 @@ from .ops.pairwise import pairwise_distill_loss
 from .ops.pixelwise import pixelwise_distill_loss
 
 
-def _first(preds):
-    """The official modules take model outputs as lists and read element 0 (the final logits)."""
+def first_output(preds):
+    """The official modules and criteria take model outputs as lists and read element 0 (the final
+    logits); a tensor is taken as it is."""
     return preds[0] if isinstance(preds, (list, tuple)) else preds
 
 
@@ -23,18 +24,21 @@ class PixelWiseDistillLoss(nn.Module):
     """
 
     def __init__(self, form: str = "official", tau: float = 1.0, tau_squared: bool = False,
-                 ignore_index: int = 255, resize_student: bool = False, backend: Optional[str] = None):
+                 ignore_index: int = 255, resize_student: bool = False, weight: float = 1.0,
+                 backend: Optional[str] = None):
         super().__init__()
-        self.form, self.tau, self.tau_squared = form, tau, tau_squared
+        self.form, self.tau, self.tau_squared, self.weight = form, tau, tau_squared, weight
         self.ignore_index, self.resize_student, self.backend = ignore_index, resize_student, backend
 
     def forward(self, preds_S, preds_T, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return pixelwise_distill_loss(_first(preds_S), _first(preds_T), labels, form=self.form, tau=self.tau,
-                                      tau_squared=self.tau_squared, ignore_index=self.ignore_index,
-                                      resize_student=self.resize_student, backend=self.backend)
+        return pixelwise_distill_loss(first_output(preds_S), first_output(preds_T), labels, form=self.form,
+                                      tau=self.tau, tau_squared=self.tau_squared, ignore_index=self.ignore_index,
+                                      resize_student=self.resize_student, weight=self.weight,
+                                      backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"form={self.form!r}, tau={self.tau}, tau_squared={self.tau_squared}, backend={self.backend!r}"
+        return (f"form={self.form!r}, tau={self.tau}, tau_squared={self.tau_squared}, weight={self.weight}, "
+                f"backend={self.backend!r}")
 
 
 class CriterionPixelWise(PixelWiseDistillLoss):
