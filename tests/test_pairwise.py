@@ -137,7 +137,7 @@ def test_double_backward_matches_reference(backend):
 @pytest.mark.parametrize("normalization", ["official", "paper"])
 def test_student_close_to_teacher_is_exact(backend, algorithm, normalization):
     """teacher = student + 1e-3 noise on post-ReLU features: the similarities all sit near each other,
-    and the loss is a 1e-8 fraction of the Gram norms the low-rank form subtracts."""
+    and the loss is a 1e-8 fraction of the Gram norms the low-rank algorithm subtracts."""
     device = backend_device(backend)
     student, noise = make_features((2, 32, 32, 12, 12), torch.float32, device, seed=5, relu=True)
     teacher = student + 1e-3 * noise
@@ -192,19 +192,19 @@ def family_nodes(family, seed=7):
     return torch.nn.functional.normalize(s.double(), dim=1), torch.nn.functional.normalize(t.double(), dim=1)
 
 
-@pytest.mark.parametrize("form", ["auto", "plain"])
+@pytest.mark.parametrize("expansion", ["auto", "plain"])
 @pytest.mark.parametrize("gemm", ["onednn", "bmm"])
 @pytest.mark.parametrize("family", FEATURE_FAMILIES)
-def test_float32_core_is_kept_only_within_its_error_bound(family, gemm, form, monkeypatch):
+def test_float32_core_is_kept_only_within_its_error_bound(family, gemm, expansion, monkeypatch):
     """The adaptive float32 low-rank core: whatever it returns is within FLOAT32_LOSS_RTOL of float64,
     with its float32 products on oneDNN (CPU) or on bmm (every other device); by its own choice of
-    form (the difference form for Cs == Ct) or by the plain form alone."""
+    expansion (the difference expansion for Cs == Ct) or by the plain expansion alone."""
     if gemm == "bmm":
         monkeypatch.setattr(onednn, "_onednn_float32", lambda x: False)
     elif not ONEDNN_HERE:
         pytest.skip("oneDNN float32 matmul not available")
-    if form == "plain":
-        monkeypatch.setitem(lowrank._FORMS, "difference", (lowrank._plain_form,))
+    if expansion == "plain":
+        monkeypatch.setitem(lowrank._EXPANSIONS, "difference", (lowrank._plain_expansion,))
     us, ut = family_nodes(family)
     exact, dus, dut = core.similarity_core(us, ut, "lowrank", True, True, stock_centring())
     adaptive, dus32, dut32 = core.similarity_core(us, ut, "lowrank", True, True, stock_centring(), try_float32=True)
@@ -223,12 +223,12 @@ def test_float32_core_is_kept_only_within_its_error_bound(family, gemm, form, mo
 
 
 @pytest.mark.parametrize("family", ["near_1e-4", "near_1e-6"])
-def test_difference_form_stays_float32_where_the_plain_form_cannot(family):
-    """Student ~= teacher: the plain form's float32 estimate refuses (its error scales with ||R||^2),
-    the difference form's accepts (it scales with ||Rs - Rt||), and it is right."""
+def test_difference_expansion_stays_float32_where_the_plain_expansion_cannot(family):
+    """Student ~= teacher: the plain expansion's float32 estimate refuses (its error scales with ||R||^2),
+    the difference expansion's accepts (it scales with ||Rs - Rt||), and it is right."""
     us, ut = family_nodes(family)
-    assert lowrank._plain_form(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring()) is None
-    kept = lowrank._difference_form(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring())
+    assert lowrank._plain_expansion(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring()) is None
+    kept = lowrank._difference_expansion(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring())
     assert kept is not None
     loss, grad_s, grad_t = kept
     tiled, dus, dut = core.similarity_core(us, ut, "tiled", True, True, stock_centring())

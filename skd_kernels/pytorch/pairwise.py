@@ -66,7 +66,7 @@ def centre(u: torch.Tensor, out: torch.Tensor) -> Centred:
 
 
 def centre_pair(us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> CentredPair:
-    """Both sides centred for the difference form (Cs == Ct): [S; E] written into `out` (B, 2C, M)."""
+    """Both sides centred for the difference expansion (Cs == Ct): [S; E] written into `out` (B, 2C, M)."""
     c = us.shape[1]
     mean_s, mean_t = us.mean(2), ut.mean(2)
     # At most one node-sized float64 temporary (none for a float64 core): on a GPU the whole batch is

@@ -7,7 +7,7 @@ with respect to the nodes, by one of two exact algorithms, never building the M 
 - ``tiled``: tiles of rows D_I = A^s_I - A^t_I (R x M) formed, squared and summed, and the gradient
   D_I Us accumulated block by block; O(M^2 C) work, O(R M) memory.
 
-Exactness. Plain Gram products cancel: the low-rank form subtracts terms of size ||A||^2 ~ M^2 to
+Exactness. Plain Gram products cancel: the low-rank algorithm subtracts terms of size ||A||^2 ~ M^2 to
 get a loss that can be 1e-9 of that (student close to teacher, post-ReLU features whose similarities
 all sit near 1), and returns 0 or garbage in float32. So the low-rank core (see `lowrank.py`) centres
 the nodes (the shared mean direction is handled exactly in float64 vector work) and, when Cs == Ct,
@@ -49,6 +49,6 @@ def similarity_core(us: torch.Tensor, ut: torch.Tensor, algorithm: str, want_s: 
         result = lowrank(us, ut, want_s, want_t, try_float32, centring)
         if result is not None:
             return result
-        # The low-rank form cancels beyond even float64 here (plain form, Cs != Ct, student within
-        # ~1e-5 of the teacher); the tiled form subtracts the similarities themselves and stays exact.
+        # The low-rank algorithm cancels beyond even float64 here (plain expansion, Cs != Ct, student within
+        # ~1e-5 of the teacher); the tiled algorithm subtracts the similarities themselves and stays exact.
     return tiled(us, ut, want_s, want_t)

@@ -1,6 +1,6 @@
 """The low-rank algorithm of the similarity core: centred Gram matrices, O(M C^2) work, O(C^2)
 memory, with an a-posteriori rounding-error estimate that decides whether a result is kept.
-The derivation (centring, the mean terms, the plain and difference forms): docs/ops/pairwise.md."""
+The derivation (centring, the mean terms, the plain and difference expansions): docs/ops/pairwise.md."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -26,7 +26,7 @@ class Centring:
         return self._passes.centre(u, out)
 
     def centre_pair(self, us: torch.Tensor, ut: torch.Tensor, dtype: torch.dtype) -> CentredPair:
-        """Both sides centred for the difference form (Cs == Ct), [S; E] in `dtype`."""
+        """Both sides centred for the difference expansion (Cs == Ct), [S; E] in `dtype`."""
         shape = (us.shape[0], 2 * us.shape[1], us.shape[2])
         out = self._stacked.get(dtype)
         if out is None or out.shape != shape:
@@ -42,7 +42,7 @@ FLOAT64_LOSS_RTOL = 1e-10
 
 
 def lowrank(us, ut, want_s, want_t, try_float32, centring):
-    """The low-rank form on centred nodes, or None when even its float64 rounding error would
+    """The low-rank algorithm on centred nodes, or None when even its float64 rounding error would
     exceed FLOAT64_LOSS_RTOL.
 
     With c the mean node and r_i = u_i - c (so sum_i r_i = 0), A = 1 1^T c.c + 1 p^T + p 1^T + R R^T,
@@ -51,19 +51,19 @@ def lowrank(us, ut, want_s, want_t, try_float32, centring):
     its gradient are O(M C) float64 vector work; only ||F||^2 needs Gram matrices, now of the
     residuals: post-ReLU features share a large mean direction, which no longer cancels.
 
-    ||F||^2 in two forms, each kept only when its estimated error is within the dtype's bound:
-    `_plain_form` (Grams of Rs and Rt), whose rounding error scales with ||R||^2 and so cancels
-    when the student is close to the teacher; and, for Cs == Ct, `_difference_form` (Grams of
+    ||F||^2 in two expansions, each kept only when its estimated error is within the dtype's bound:
+    `_plain_expansion` (Grams of Rs and Rt), whose rounding error scales with ||R||^2 and so cancels
+    when the student is close to the teacher; and, for Cs == Ct, `_difference_expansion` (Grams of
     (Rs + Rt) / 2 and Rs - Rt), whose error scales with ||Rs - Rt|| (the only one tried for
-    Cs == Ct: never much less exact than the plain form, and as fast). In float32 (try_float32),
+    Cs == Ct: never much less exact than the plain expansion, and as fast). In float32 (try_float32),
     then in float64.
     """
-    forms = _FORMS["difference" if us.shape[1] == ut.shape[1] else "plain"]
+    expansions = _EXPANSIONS["difference" if us.shape[1] == ut.shape[1] else "plain"]
     for dtype, rtol in ((torch.float32, FLOAT32_LOSS_RTOL), (torch.float64, FLOAT64_LOSS_RTOL)):
         if dtype == torch.float32 and not try_float32:
             continue
-        for form in forms:
-            result = form(us, ut, dtype, rtol, want_s, want_t, centring)
+        for expansion in expansions:
+            result = expansion(us, ut, dtype, rtol, want_s, want_t, centring)
             if result is not None:
                 return result
     return None
@@ -93,7 +93,7 @@ class _MeanTerms(NamedTuple):
         return NodeGrad(residual, bias, 4 * sign * m * mean, self.q)
 
 
-def _plain_form(us, ut, dtype, rtol, want_s, want_t, centring):
+def _plain_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
     """||F||^2 = ||Gss||^2 + ||Gtt||^2 - 2 ||Gst||^2 on the stacked residuals R = [Rs; Rt]
     (B, Cs + Ct, M): one Gram G = R R^T holds Gss, Gst and Gtt, and each gradient is one product
     with R. None when the estimated error exceeds rtol."""
@@ -119,7 +119,7 @@ def _plain_form(us, ut, dtype, rtol, want_s, want_t, centring):
     return loss, grad_s, grad_t
 
 
-def _difference_form(us, ut, dtype, rtol, want_s, want_t, centring):
+def _difference_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
     """||F||^2 for Cs == Ct from S = (Rs + Rt) / 2 and E = Rs - Rt, so that F = S^T E + E^T S (node
     space) and ||F||^2 = 2 <S S^T, E E^T> + 2 <H, H^T>, H = E S^T: each term is of size
     ||S||^2 ||E||^2, and so is its rounding error; nothing cancels however close the student is to
@@ -152,9 +152,9 @@ def _difference_form(us, ut, dtype, rtol, want_s, want_t, centring):
     return loss, grads[0], grads[1]
 
 
-# Which forms the low-rank core tries, in order: the difference form is never much less exact than
+# Which expansions the low-rank core tries, in order: the difference expansion is never much less exact than
 # the plain one (|S|, |E| <= |R|), so it alone serves Cs == Ct.
-_FORMS = {"plain": (_plain_form,), "difference": (_difference_form,)}
+_EXPANSIONS = {"plain": (_plain_expansion,), "difference": (_difference_expansion,)}
 
 
 def _times(residual, q):

@@ -13,7 +13,7 @@ NORMALIZATION_CODE = {"official": 0, "paper": 1}
 
 class NodeGrad(NamedTuple):
     """d loss / d u as the core leaves it: residual[b, c, m] + bias[b, c] + outer_c[b, c] * outer_q[b, m],
-    the residual in float32 or float64, the low-rank form's rank-2 mean terms in float64 (or None),
+    the residual in float32 or float64, the low-rank algorithm's rank-2 mean terms in float64 (or None),
     all of the unscaled sum (the node backward applies 1 / (M^2 B))."""
     residual: torch.Tensor
     bias: Optional[torch.Tensor] = None
@@ -38,7 +38,7 @@ class Centred(NamedTuple):
 
 
 class CentredPair(NamedTuple):
-    """Both sides' nodes centred for the difference form (Cs == Ct): stacked [S; E] (B, 2C, M) in the
+    """Both sides' nodes centred for the difference expansion (Cs == Ct): stacked [S; E] (B, 2C, M) in the
     core's dtype, S = (rs + rt) / 2 and E = rs - rt each rounded once from float64; the means (B, C),
     q = r . mean (B, M) of each side and the per-row sums of squares of [S; E] (B, 2C), in float64."""
     stacked: torch.Tensor
