@@ -81,10 +81,58 @@ def test_config_rejects_unknown_options_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="stepz"):
         import argparse
         build_config(argparse.Namespace(config=str(bad)))
-    with pytest.raises(ValueError, match="amp"):
+    with pytest.raises(ValueError, match="--amp: expected one of none, bf16, fp16, got 'fp8'"):
         build_config(amp="fp8")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         build_config(argparse.Namespace(config=str(tmp_path / "nope.yaml")))
+
+
+def _train_parser():
+    from skd_train.cli import _parser
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices["train"]
+
+
+def test_every_flag_of_train_help_has_help_text_and_a_default():
+    import argparse
+    from skd_train.config import FIELDS
+    actions = [a for a in _train_parser()._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in actions} == set(FIELDS) | {"config"}
+    for action in actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        if action.dest in FIELDS:
+            assert "(default: " in action.help, action.option_strings
+    help_text = _train_parser().format_help()
+    assert "--no-holistic" in help_text and "{wgan-gp,hinge}" in help_text
+
+
+def test_flag_choices_match_the_registries():
+    from skd_kernels.holistic import ADV_TYPES
+    from skd_train.config import ADV_TYPES as CONFIG_ADV_TYPES, DATASETS, MODELS, ON_DISK_DATASETS
+    from skd_train.data import DATASET_NAMES, _ON_DISK
+    from skd_train.models import MODEL_NAMES
+    assert set(MODELS) == set(MODEL_NAMES) and set(DATASETS) == set(DATASET_NAMES)
+    assert set(ON_DISK_DATASETS) == set(_ON_DISK) and set(CONFIG_ADV_TYPES) == set(ADV_TYPES)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cityscapes"], "--data-root: dataset 'cityscapes' is read from disk"),
+    (["--model", "resnet9"], "argument --model: invalid choice: 'resnet9'"),
+    (["--steps", "0"], "--steps: expected >= 1, got 0"),
+    (["--dataset-options", "{bad"], "argument --dataset-options: not valid JSON"),
+    (["--dataset", "procedural", "--teacher-weights", "/nonexistent/t.pt"], "--teacher-weights: weights file not found"),
+    (["--dataset", "procedural", "--no-pixel", "--no-pair", "--no-holistic", "--weights", "/nonexistent/s.pt"],
+     "--weights: weights file not found"),
+])
+def test_config_mistakes_are_one_line_errors_naming_the_flag(tmp_path, capsys, argv, message):
+    from skd_train.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--width", "0.0625",
+              "--teacher", "pspnet_resnet18", "--teacher-width", "0.0625", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
 def test_official_recipe_defaults():

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed as D
 from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, flag
 from .evaluate import evaluate
 from .log import CsvLog, Progress, plot_log
 from .losses import DistillLosses, TaskLoss
@@ -30,6 +30,17 @@ class SimulatedKill(RuntimeError):
 def poly_lambda(steps: int, power: float):
     """The official lr_poly: base_lr * (1 - step / steps) ** power, evaluated before each step."""
     return lambda step: max(0.0, 1 - step / steps) ** power
+
+
+@contextlib.contextmanager
+def flag_errors(name: str):
+    """A missing or unfitting file given by an option becomes a ConfigError naming the flag."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{flag(name)}: {err}") from err
 
 
 def build_data(cfg: TrainConfig):
@@ -48,11 +59,12 @@ def build_teacher(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module
     """The frozen teacher: eval mode (BatchNorm running statistics, no dropout), no gradients."""
     from .models import build_model, load_weights
     if not cfg.teacher_weights:
-        raise ValueError("distillation is on (pixel/pair/holistic) but no --teacher-weights were given; "
-                         "train a teacher first (skd-train train --model pspnet_resnet101 --no-pixel --no-pair "
-                         "--no-holistic) or switch the terms off")
+        raise ConfigError("--teacher-weights: distillation is on (pixel/pair/holistic) but no teacher weights "
+                          "were given; train a teacher first (skd-train train --model pspnet_resnet101 --no-pixel "
+                          "--no-pair --no-holistic) or switch the terms off")
     teacher = build_model(cfg.teacher, num_classes, width=cfg.teacher_width)
-    load_weights(teacher, cfg.teacher_weights)
+    with flag_errors("teacher_weights"):
+        load_weights(teacher, cfg.teacher_weights)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -63,16 +75,20 @@ class Trainer:
     """Holds the models, optimisers and data order of one run; `run()` trains to cfg.steps."""
 
     def __init__(self, cfg: TrainConfig, env: Optional[D.DistEnv] = None):
-        from .models import build_model, load_weights
+        from .models import build_model, load_backbone_weights, load_weights
         self.cfg, self.env = cfg, env or D.setup(cfg.device)
         self.device = self.env.device
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.train_ds, self.val_ds = build_data(cfg)
         k = self.num_classes = self.train_ds.num_classes
         self.ignore_index = self.train_ds.ignore_index
-        student = build_model(cfg.model, k, width=cfg.width, pretrained_backbone=cfg.pretrained_backbone)
+        student = build_model(cfg.model, k, width=cfg.width)
+        if cfg.pretrained_backbone:
+            with flag_errors("pretrained_backbone"):
+                load_backbone_weights(student, cfg.pretrained_backbone)
         if cfg.weights:
-            load_weights(student, cfg.weights)
+            with flag_errors("weights"):
+                load_weights(student, cfg.weights)
         if self.env.distributed and cfg.sync_bn and self.device.type == "cuda":
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.student = student.to(self.device)
