@@ -217,6 +217,30 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     assert rows_a == rows_b
 
 
+def test_resume_refuses_other_options_and_a_finished_run_keeps_its_log(tmp_path, capsys):
+    from skd_train.config import ConfigError
+    from skd_train.train import train
+    first = train(tiny_config(tmp_path, "run", steps=2))
+    config_before = (tmp_path / "run" / "config.json").read_text()
+    rows_before = _log_rows(tmp_path / "run")
+    assert [r["step"] for r in rows_before if r["miou"]] == ["2"]
+    with pytest.raises(ConfigError, match=r"--resume: .*--lr 0\.01 \(now 0\.05\), --pixel-weight 10\.0 \(now 3\.0\)"):
+        train(tiny_config(tmp_path, "run", steps=2, resume=True, lr=0.05, pixel_weight=3.0))
+    assert (tmp_path / "run" / "config.json").read_text() == config_before  # the record stays true
+    capsys.readouterr()
+    again = train(tiny_config(tmp_path, "run", steps=2, resume=True, progress=True))  # session options may change
+    assert "finished at step 2 already" in capsys.readouterr().err
+    assert _log_rows(tmp_path / "run") == rows_before  # no second final row
+    assert again["miou"] == first["miou"]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
+    from skd_train.train import train
+    train(tiny_config(tmp_path, "fresh", steps=1, resume=True))
+    assert f"no checkpoint at {tmp_path / 'fresh' / 'last.pt'}: starting from step 0" in capsys.readouterr().err
+    assert [r["step"] for r in _log_rows(tmp_path / "fresh")] == ["1", "1"]  # losses, then the final mIoU
+
+
 @pytest.mark.parametrize("batch", [4, 5, 6])
 def test_holistic_d_step_stays_finite_at_small_batches(tmp_path, batch):
     from skd_train.losses import DistillLosses
@@ -237,3 +261,16 @@ def test_holistic_d_step_stays_finite_at_small_batches(tmp_path, batch):
         opt.step()
         g = losses.student_terms([student.requires_grad_()], [teacher])["adv_g"]
         assert torch.isfinite(g)
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+def test_installed_packages_have_no_conflicts():
+    """scripts/setup_env.sh ends with a clean `pip check`; so must the environment the tests run in."""
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("pip") is None:
+        pytest.skip("pip is not installed")
+    done = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .config import build_config, load_file
 from .log import duration_text
-from .train import miou_text, train
+from .train import WEIGHTS, miou_text, train
 
 CONFIGS = Path(__file__).parent / "configs"
 NO_DISTILL = dict(pixel=False, pair=False, holistic=False)
@@ -56,7 +56,7 @@ def cached_teacher(out_root: Path, retrain: bool = False, recipe: str = "brain",
     result = train(cfg)
     announce(f"teacher: mIoU {miou_text(result['miou'])} in {duration_text(result['seconds'])}; cached as {weights}")
     weights.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(cfg.out_dir) / "model.pt", weights)
+    shutil.copyfile(Path(cfg.out_dir) / WEIGHTS, weights)
     meta.write_text(json.dumps({"miou": result["miou"], "config": cfg.to_dict()}, indent=1))
     return weights, result["miou"]
 

@@ -31,6 +31,10 @@ class CsvLog:
             writer.writeheader()
             writer.writerows(self.rows)
 
+    def has(self, step: int, key: str) -> bool:
+        """Whether a row of `step` holds a value for `key`."""
+        return any(int(r["step"]) == step and r.get(key) not in (None, "") for r in self.rows)
+
     def append(self, step: int, values: dict) -> None:
         row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()}}
         self.rows.append(row)

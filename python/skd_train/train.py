@@ -23,8 +23,26 @@ from .losses import DistillLosses, TaskLoss
 from .sampling import ResumableSampler, SeededDataset
 
 
+CHECKPOINT, WEIGHTS = "last.pt", "model.pt"  # in out_dir: everything a resume needs; the student alone
+# Options that steer a session but not what is trained: a resume may change them.
+SESSION_OPTIONS = ("resume", "progress", "plot", "stop_after", "num_workers", "out_dir", "threads")
+
+
 class SimulatedKill(RuntimeError):
     """Raised after `cfg.stop_after` steps, with nothing saved since the last checkpoint (tests)."""
+
+
+def config_differences(saved: dict, current: dict) -> list:
+    """'--flag saved -> current' for each option (but those that only steer this session) that differs."""
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        if name in SESSION_OPTIONS:
+            continue
+        a, b = saved.get(name), current.get(name)
+        a, b = (list(v) if isinstance(v, tuple) else v for v in (a, b))
+        if a != b:
+            out.append(f"{flag(name)} {a!r} (now {b!r})")
+    return out
 
 
 def poly_lambda(steps: int, power: float):
@@ -157,10 +175,10 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self) -> None:
-        """last.pt (everything a resume needs) and model.pt (the student's weights), rank 0 only."""
+        """CHECKPOINT (everything a resume needs) and WEIGHTS (the student's), rank 0 only."""
         if self.env.is_main:
-            atomic_save(self.state_dict(), self.out_dir / "last.pt")
-            atomic_save(self.student.state_dict(), self.out_dir / "model.pt")
+            atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+            atomic_save(self.student.state_dict(), self.out_dir / WEIGHTS)
 
     # --- data ---------------------------------------------------------------------------------
     def _epoch_loader(self):
@@ -226,10 +244,21 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------
     def resume_if_asked(self) -> Optional[int]:
-        path = self.out_dir / "last.pt"
-        if not (self.cfg.resume and path.exists()):
+        """Load out_dir/last.pt when --resume is on; its options must be this run's (the optimiser and
+        schedule come from it, and config.json must describe what was trained)."""
+        path = self.out_dir / CHECKPOINT
+        if not self.cfg.resume:
             return None
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        if not path.exists():
+            if self.env.is_main:
+                print(f"resume: no checkpoint at {path}: starting from step 0", file=sys.stderr)
+            return None
+        state = load_checkpoint(path, map_location=self.device)
+        differing = config_differences(state["config"], self.cfg.to_dict())
+        if differing:
+            raise ConfigError(f"--resume: {path} was trained with other options: {', '.join(differing)}; "
+                              f"resume with the checkpoint's options or train into a new --out-dir")
+        self.load_state_dict(state)
         if self.env.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         return self.step
@@ -243,6 +272,9 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         resumed_at = self.resume_if_asked()
+        finished = self.step >= cfg.steps
+        if finished and self.env.is_main:
+            print(f"resume: the run finished at step {self.step} already: evaluating its weights", file=sys.stderr)
         log = CsvLog(self.out_dir / "log.csv", resume_step=resumed_at) if self.env.is_main else None
         if self.env.is_main:
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -279,11 +311,13 @@ class Trainer:
                         break
         finally:
             bar.close()
-        self.save()
+        if not finished:
+            self.save()
         result = self.evaluate()
         result.update(steps=self.step, seconds=time.time() - t0, out_dir=str(self.out_dir))
         if self.env.is_main:
-            log.append(self.step, {"miou": result["miou"]})
+            if not log.has(self.step, "miou"):  # a finished run's final row is there already
+                log.append(self.step, {"miou": result["miou"]})
             summary = {k: v for k, v in result.items() if k != "confusion"}
             summary["confusion"] = result["confusion"].tolist()
             (self.out_dir / "results.json").write_text(json.dumps(summary, indent=1))
