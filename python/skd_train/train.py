@@ -231,10 +231,9 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             # The D step in float32: the gradient penalty differentiates twice, fragile in half precision.
             with torch.autocast(self.device.type, enabled=False):
-                d_loss = self.distill.d_loss(preds_S, preds_T)
+                d_loss = self.distill.d_step(preds_S, preds_T)
             if not torch.isfinite(d_loss):
                 raise FloatingPointError(f"step {self.step}: non-finite discriminator loss {float(d_loss)}")
-            d_loss.backward()
             D.average_gradients(d_net, self.env)
             self.opt_d.step()
             self.sched_d.step()
