@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,20 @@ def flag_errors(name: str):
         raise ConfigError(f"{flag(name)}: {err}") from err
 
 
+def make_reproducible(cfg: TrainConfig) -> None:
+    """Fix what the results depend on besides the seed: the CPU thread count (the blocking of torch's
+    and oneDNN's reductions follows it; our kernels' reductions have a fixed order) and, with
+    --deterministic, the choice of algorithms (GPU: no cuDNN autotuning, deterministic kernels, and a
+    warning for ops that have none)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
 def build_data(cfg: TrainConfig):
     from .data import build_dataset
     options = dict(cfg.dataset_options or {})
@@ -94,6 +109,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: Optional[D.DistEnv] = None):
         from .models import build_model, load_backbone_weights, load_weights
+        make_reproducible(cfg)
         self.cfg, self.env = cfg, env or D.setup(cfg.device)
         self.device = self.env.device
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -313,7 +329,8 @@ class Trainer:
         if not finished:
             self.save()
         result = self.evaluate()
-        result.update(steps=self.step, seconds=time.time() - t0, out_dir=str(self.out_dir))
+        result.update(steps=self.step, seconds=time.time() - t0, out_dir=str(self.out_dir),
+                      threads=torch.get_num_threads())
         if self.env.is_main:
             if not log.has(self.step, "miou"):  # a finished run's final row is there already
                 log.append(self.step, {"miou": result["miou"]})
