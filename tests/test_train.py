@@ -243,7 +243,7 @@ def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsy
 
 def test_two_processes_with_the_same_seed_and_threads_write_identical_logs(tmp_path):
     """Each run in a fresh process (nothing shared but the files): the per-step losses and the final
-    evaluation agree bitwise."""
+    evaluation agree bitwise. Two threads, so that multithreaded reductions are part of the check."""
     import os
     import subprocess
     import sys

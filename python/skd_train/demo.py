@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .config import build_config, load_file
 from .log import duration_text
-from .train import WEIGHTS, miou_text, train
+from .train import CHECKPOINT, WEIGHTS, miou_text, train
 
 CONFIGS = Path(__file__).parent / "configs"
 NO_DISTILL = dict(pixel=False, pair=False, holistic=False)
@@ -53,12 +53,19 @@ def cached_teacher(out_root: Path, retrain: bool = False, recipe: str = "brain",
         announce(f"teacher: reusing {weights} (mIoU {miou_text(miou)})")
         return weights, miou
     announce(f"teacher: training {cfg.model} (width {cfg.width}) for {cfg.steps} steps -> {cfg.out_dir}")
-    result = train(cfg)
+    result = train(resuming(cfg))
     announce(f"teacher: mIoU {miou_text(result['miou'])} in {duration_text(result['seconds'])}; cached as {weights}")
     weights.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(cfg.out_dir) / WEIGHTS, weights)
     meta.write_text(json.dumps({"miou": result["miou"], "config": cfg.to_dict()}, indent=1))
     return weights, result["miou"]
+
+
+def resuming(cfg):
+    """The run continues from its checkpoint when an earlier demo left one (an interrupted run goes on,
+    a finished one is only scored; other options than the checkpoint's are refused)."""
+    cfg.resume = (Path(cfg.out_dir) / CHECKPOINT).exists()
+    return cfg
 
 
 def _phase(name: str, cfg) -> dict:
@@ -67,7 +74,7 @@ def _phase(name: str, cfg) -> dict:
     how = " + ".join(f"{w:g} {k}" for k, w in terms.items()) if terms else "no distillation"
     announce(f"{name}: training {cfg.model} (width {cfg.width}) for {cfg.steps} steps, seed {cfg.seed}, "
              f"{how} -> {cfg.out_dir}")
-    result = train(cfg)
+    result = train(resuming(cfg))
     announce(f"{name}: mIoU {miou_text(result['miou'])} in {duration_text(result['seconds'])}")
     return result
 

@@ -34,7 +34,7 @@ class SimulatedKill(RuntimeError):
 
 
 def config_differences(saved: dict, current: dict) -> list:
-    """'--flag saved -> current' for each option (but those that only steer this session) that differs."""
+    """'--flag saved (now current)' for each option that differs, but those that only steer the session."""
     out = []
     for name in sorted(set(saved) | set(current)):
         if name in SESSION_OPTIONS:
