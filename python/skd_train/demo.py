@@ -72,9 +72,11 @@ def _phase(name: str, cfg) -> dict:
     """One student run, announced before and after (the bar in between shows the steps)."""
     terms = cfg.distill_terms()
     how = " + ".join(f"{w:g} {k}" for k, w in terms.items()) if terms else "no distillation"
-    announce(f"{name}: training {cfg.model} (width {cfg.width}) for {cfg.steps} steps, seed {cfg.seed}, "
+    cfg = resuming(cfg)
+    action = "resuming" if cfg.resume else "training"  # resuming a finished run only scores it
+    announce(f"{name}: {action} {cfg.model} (width {cfg.width}) for {cfg.steps} steps, seed {cfg.seed}, "
              f"{how} -> {cfg.out_dir}")
-    result = train(resuming(cfg))
+    result = train(cfg)
     announce(f"{name}: mIoU {miou_text(result['miou'])} in {duration_text(result['seconds'])}")
     return result
 
