@@ -22,9 +22,8 @@ def flag(name: str) -> str:
 
 
 def _opt(default, help: str, choices: Optional[tuple] = None):
-    """A field with its help text and allowed values: the one place they are written (--help reads them)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help, "choices": choices})
+    """A field with its help text and allowed values: the one place they are written (--help reads them).
+    Defaults are immutable (tuples, None), so the dataclass may share them."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 

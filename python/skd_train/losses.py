@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skd_kernels.holistic import adversarial_g_loss
+import skd_kernels
 
 from .config import TrainConfig
-
 from .models import PAIR_FEATURES_INDEX
 
 MIN_D_INPUT = 64  # skd_kernels.Discriminator's smallest input (its last 4x4 conv needs a 4x4 map)
@@ -87,7 +86,6 @@ class DistillLosses(nn.Module):
 
     def __init__(self, cfg: TrainConfig, num_classes: int):
         super().__init__()
-        import skd_kernels
         self.cfg = cfg
         self.terms = cfg.distill_terms()
         if "pixel" in self.terms:
@@ -127,7 +125,7 @@ class DistillLosses(nn.Module):
         if "holistic" in self.terms:
             # D's parameters get gradients here too; the D step zeroes them first (as the official code).
             d_out_s = self.D(self._d_input(preds_S[0]))[0]  # D returns [scores, attention maps...]
-            out["adv_g"] = self.terms["holistic"] * adversarial_g_loss(d_out_s)
+            out["adv_g"] = self.terms["holistic"] * skd_kernels.adversarial_g_loss(d_out_s)
         return out
 
     def d_step(self, preds_S, preds_T) -> torch.Tensor:
