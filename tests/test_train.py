@@ -81,10 +81,58 @@ def test_config_rejects_unknown_options_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="stepz"):
         import argparse
         build_config(argparse.Namespace(config=str(bad)))
-    with pytest.raises(ValueError, match="amp"):
+    with pytest.raises(ValueError, match="--amp: expected one of none, bf16, fp16, got 'fp8'"):
         build_config(amp="fp8")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         build_config(argparse.Namespace(config=str(tmp_path / "nope.yaml")))
+
+
+def _train_parser():
+    from skd_train.cli import _parser
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices["train"]
+
+
+def test_every_flag_of_train_help_has_help_text_and_a_default():
+    import argparse
+    from skd_train.config import FIELDS
+    actions = [a for a in _train_parser()._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in actions} == set(FIELDS) | {"config"}
+    for action in actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        if action.dest in FIELDS:
+            assert "(default: " in action.help, action.option_strings
+    help_text = _train_parser().format_help()
+    assert "--no-holistic" in help_text and "{wgan-gp,hinge}" in help_text
+
+
+def test_flag_choices_match_the_registries():
+    from skd_kernels.holistic import ADV_TYPES
+    from skd_train.config import ADV_TYPES as CONFIG_ADV_TYPES, DATASETS, MODELS, ON_DISK_DATASETS
+    from skd_train.data import DATASET_NAMES, _ON_DISK
+    from skd_train.models import MODEL_NAMES
+    assert set(MODELS) == set(MODEL_NAMES) and set(DATASETS) == set(DATASET_NAMES)
+    assert set(ON_DISK_DATASETS) == set(_ON_DISK) and set(CONFIG_ADV_TYPES) == set(ADV_TYPES)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cityscapes"], "--data-root: dataset 'cityscapes' is read from disk"),
+    (["--model", "resnet9"], "argument --model: invalid choice: 'resnet9'"),
+    (["--steps", "0"], "--steps: expected >= 1, got 0"),
+    (["--dataset-options", "{bad"], "argument --dataset-options: not valid JSON"),
+    (["--dataset", "procedural", "--teacher-weights", "/nonexistent/t.pt"], "--teacher-weights: weights file not found"),
+    (["--dataset", "procedural", "--no-pixel", "--no-pair", "--no-holistic", "--weights", "/nonexistent/s.pt"],
+     "--weights: weights file not found"),
+])
+def test_config_mistakes_are_one_line_errors_naming_the_flag(tmp_path, capsys, argv, message):
+    from skd_train.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--width", "0.0625",
+              "--teacher", "pspnet_resnet18", "--teacher-width", "0.0625", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
 def test_official_recipe_defaults():
@@ -169,6 +217,52 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     assert rows_a == rows_b
 
 
+def test_resume_refuses_other_options_and_a_finished_run_keeps_its_log(tmp_path, capsys):
+    from skd_train.config import ConfigError
+    from skd_train.train import train
+    first = train(tiny_config(tmp_path, "run", steps=2))
+    config_before = (tmp_path / "run" / "config.json").read_text()
+    rows_before = _log_rows(tmp_path / "run")
+    assert [r["step"] for r in rows_before if r["miou"]] == ["2"]
+    with pytest.raises(ConfigError, match=r"--resume: .*--lr 0\.01 \(now 0\.05\), --pixel-weight 10\.0 \(now 3\.0\)"):
+        train(tiny_config(tmp_path, "run", steps=2, resume=True, lr=0.05, pixel_weight=3.0))
+    assert (tmp_path / "run" / "config.json").read_text() == config_before  # the record stays true
+    capsys.readouterr()
+    again = train(tiny_config(tmp_path, "run", steps=2, resume=True, progress=True))  # session options may change
+    assert "finished at step 2 already" in capsys.readouterr().err
+    assert _log_rows(tmp_path / "run") == rows_before  # no second final row
+    assert again["miou"] == first["miou"]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
+    from skd_train.train import train
+    train(tiny_config(tmp_path, "fresh", steps=1, resume=True))
+    assert f"no checkpoint at {tmp_path / 'fresh' / 'last.pt'}: starting from step 0" in capsys.readouterr().err
+    assert [r["step"] for r in _log_rows(tmp_path / "fresh")] == ["1", "1"]  # losses, then the final mIoU
+
+
+def test_two_processes_with_the_same_seed_and_threads_write_identical_logs(tmp_path):
+    """Each run in a fresh process (nothing shared but the files): the per-step losses and the final
+    evaluation agree bitwise. Two threads, so that multithreaded reductions are part of the check."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    cfg = tiny_config(tmp_path, "unused", steps=3)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "python"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "skd_train", "train", "--config", str(tmp_path / "config.json"),
+                        "--out-dir", str(tmp_path / name), "--threads", "2"], check=True, env=env, cwd=tmp_path,
+                       timeout=600, capture_output=True)
+    a, b = (tmp_path / "a" / "log.csv").read_text(), (tmp_path / "b" / "log.csv").read_text()
+    assert a == b and len(a.splitlines()) == 5  # header, 3 steps, the final mIoU
+    result = lambda name: json.loads((tmp_path / name / "results.json").read_text())  # noqa: E731
+    assert result("a")["confusion"] == result("b")["confusion"] and result("a")["threads"] == 2
+
+
 @pytest.mark.parametrize("batch", [4, 5, 6])
 def test_holistic_d_step_stays_finite_at_small_batches(tmp_path, batch):
     from skd_train.losses import DistillLosses
@@ -182,10 +276,22 @@ def test_holistic_d_step_stays_finite_at_small_batches(tmp_path, batch):
     student[:, 0] = 30.0
     for _ in range(5):
         opt.zero_grad()
-        d_loss = losses.d_loss([student], [teacher])
-        d_loss.backward()
+        d_loss = losses.d_step([student], [teacher])
         assert torch.isfinite(d_loss)
         assert all(torch.isfinite(p.grad).all() for p in losses.D.parameters() if p.grad is not None)
         opt.step()
         g = losses.student_terms([student.requires_grad_()], [teacher])["adv_g"]
         assert torch.isfinite(g)
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+def test_installed_packages_have_no_conflicts():
+    """scripts/setup_env.sh ends with a clean `pip check`; so must the environment the tests run in."""
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("pip") is None:
+        pytest.skip("pip is not installed")
+    done = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -13,7 +13,7 @@ from skd_train.config import build_config  # noqa: E402
 
 TINY = dict(dataset="procedural", dataset_options={"num_samples": 12}, crop_size=(32, 32), batch_size=4,
             model="pspnet_resnet18", width=0.0625, teacher="pspnet_resnet18", teacher_width=0.125,
-            d_conv_dim=8, steps=3, device="cpu", progress=False, plot=False, lr=0.01)
+            d_conv_dim=8, steps=3, device="cpu", progress=False, plot=False, lr=0.01, threads=1)
 
 
 def random_teacher(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""skd_train: the reference trainer of skd-kernels (Structured Knowledge Distillation, issue #5).
+"""skd_train: the reference trainer of skd-kernels (Structured Knowledge Distillation).
 
     from skd_train import build_config
     from skd_train.train import train

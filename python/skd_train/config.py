@@ -13,70 +13,100 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
+class ConfigError(ValueError):
+    """A mistake in the options; the message starts with the flag (`--data-root: ...`)."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _opt(default, help: str, choices: Optional[tuple] = None):
+    """A field with its help text and allowed values: the one place they are written (--help reads them).
+    Defaults are immutable (tuples, None), so the dataclass may share them."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# Names the options accept. The registries they mirror (skd_train.models.MODEL_NAMES,
+# skd_train.data.DATASET_NAMES, skd_kernels.holistic.ADV_TYPES) import torch; tests hold them equal.
+MODELS = ("pspnet_resnet101", "pspnet_resnet18", "mobilenetv2", "espnet")
+DATASETS = ("cityscapes", "camvid", "ade20k", "brain", "procedural")
+ON_DISK_DATASETS = ("cityscapes", "camvid", "ade20k")
+ADV_TYPES = ("wgan-gp", "hinge")
+
+
 @dataclass
 class TrainConfig:
     # Data
-    dataset: str = "brain"
-    data_root: Optional[str] = None
-    crop_size: Sequence[int] = (128, 128)
-    augment: bool = True
-    num_workers: int = 0
-    dataset_options: Optional[dict] = None   # extra keyword arguments of build_dataset (JSON on the command line)
+    dataset: str = _opt("brain", "dataset; cityscapes, camvid and ade20k are read from --data-root", DATASETS)
+    data_root: Optional[str] = _opt(None, "folder holding an on-disk dataset in its usual layout")
+    crop_size: Sequence[int] = _opt((128, 128), "training crop, height and width")
+    augment: bool = _opt(True, "random scale, crop and flip of the training samples")
+    num_workers: int = _opt(0, "DataLoader worker processes (the data order does not depend on it)")
+    dataset_options: Optional[dict] = _opt(None, "extra keyword arguments of the dataset as JSON, e.g. "
+                                                 "'{\"scale_range\": [0.5, 2.0]}'")
     # Student
-    model: str = "pspnet_resnet18"
-    width: float = 1.0
-    pretrained_backbone: Optional[str] = None
-    weights: Optional[str] = None            # initial student weights (load_weights format)
+    model: str = _opt("pspnet_resnet18", "the student network", MODELS)
+    width: float = _opt(1.0, "the student's channel multiplier (1.0: the paper's sizes)")
+    pretrained_backbone: Optional[str] = _opt(None, "checkpoint whose backbone tensors initialise the student, "
+                                                    "or 'imagenet' (MobileNetV2, width 1.0)")
+    weights: Optional[str] = _opt(None, "initial student weights (ours or an official checkpoint); "
+                                        "for eval: the weights to score")
     # Teacher (needed only when a distillation term is on)
-    teacher: str = "pspnet_resnet101"
-    teacher_width: float = 1.0
-    teacher_weights: Optional[str] = None
+    teacher: str = _opt("pspnet_resnet101", "the teacher network", MODELS)
+    teacher_width: float = _opt(1.0, "the teacher's channel multiplier")
+    teacher_weights: Optional[str] = _opt(None, "the trained teacher's weights (needed when a distillation "
+                                                "term is on)")
     # Task loss: CE(main) + dsn_weight * CE(aux), both upsampled to the crop (bilinear, align_corners=True)
-    dsn_weight: float = 0.4
-    ohem: bool = False
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100000
+    dsn_weight: float = _opt(0.4, "weight of the auxiliary (deep supervision) cross-entropy")
+    ohem: bool = _opt(False, "online hard example mining in the cross-entropy")
+    ohem_thresh: float = _opt(0.7, "OHEM: keep pixels whose true-class probability is below this")
+    ohem_min_kept: int = _opt(100000, "OHEM: keep at least this many hardest pixels")
     # Distillation switches and weights (a term is skipped entirely when off or weighted 0)
-    pixel: bool = True
-    pixel_weight: float = 10.0
-    pair: bool = True
-    pair_weight: float = 0.5
-    pair_scale: float = 0.5
-    holistic: bool = True
-    adv_weight: float = 0.1                  # G term: adv_weight * (-mean D(student))
-    d_weight: float = 0.1                    # D step: d_weight * (adversarial + GP)
-    lambda_gp: float = 10.0
-    d_conv_dim: int = 64                     # the discriminator's first width (official 64)
-    adv_type: str = "wgan-gp"
-    d_input_size: Optional[int] = None       # resize logits to this square size before D; None: as they are,
-                                             # or 65 (the official size) when smaller than D's minimum 64
+    pixel: bool = _opt(True, "pixel-wise distillation (KL of the score maps)")
+    pixel_weight: float = _opt(10.0, "weight of the pixel-wise term")
+    pair: bool = _opt(True, "pair-wise distillation (similarity of the feature nodes)")
+    pair_weight: float = _opt(0.5, "weight of the pair-wise term")
+    pair_scale: float = _opt(0.5, "pair-wise node pooling: fraction of the feature map per node side")
+    holistic: bool = _opt(True, "holistic (adversarial) distillation with a discriminator")
+    adv_weight: float = _opt(0.1, "weight of the student's adversarial term, -mean D(student)")
+    d_weight: float = _opt(0.1, "weight of the discriminator's loss (adversarial + gradient penalty)")
+    lambda_gp: float = _opt(10.0, "gradient penalty weight (wgan-gp)")
+    d_conv_dim: int = _opt(64, "the discriminator's first width (official: 64)")
+    adv_type: str = _opt("wgan-gp", "the discriminator's loss", ADV_TYPES)
+    d_input_size: Optional[int] = _opt(None, "resize score maps to this square size before D (default: as "
+                                             "they are, or 65 when smaller than D's minimum 64)")
     # Optimisation (official recipe)
-    steps: int = 40000
-    batch_size: int = 8
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
-    lr_d: float = 4e-4
-    momentum_d: float = 0.9
-    amp: str = "none"                        # none | bf16 | fp16 (GPU only; fp16 uses a GradScaler)
-    sync_bn: bool = True                     # SyncBatchNorm when distributed
-    seed: int = 0
-    device: str = "auto"                     # auto | cpu | cuda
+    steps: int = _opt(40000, "training steps (the poly schedule spans them)")
+    batch_size: int = _opt(8, "samples per step and process")
+    lr: float = _opt(0.01, "the student's learning rate (SGD, poly schedule)")
+    momentum: float = _opt(0.9, "the student's SGD momentum")
+    weight_decay: float = _opt(5e-4, "the student's weight decay")
+    poly_power: float = _opt(0.9, "power of the poly schedule, lr * (1 - step / steps) ** power")
+    lr_d: float = _opt(4e-4, "the discriminator's learning rate")
+    momentum_d: float = _opt(0.9, "the discriminator's SGD momentum")
+    amp: str = _opt("none", "mixed precision on GPUs (fp16 uses a GradScaler)", ("none", "bf16", "fp16"))
+    sync_bn: bool = _opt(True, "SyncBatchNorm when distributed on GPUs")
+    seed: int = _opt(0, "seed of the weights, the data order and the augmentations")
+    threads: int = _opt(0, "CPU threads of torch (0: torch's default); results are reproducible for a "
+                           "given seed and thread count")
+    deterministic: bool = _opt(True, "deterministic algorithms (torch.use_deterministic_algorithms)")
+    device: str = _opt("auto", "where to train (auto: cuda when available)", ("auto", "cpu", "cuda"))
     # Evaluation
-    eval_every: int = 0                      # 0: only at the end
-    eval_mode: str = "whole"                 # whole | sliding
-    eval_crop: Optional[Sequence[int]] = None  # sliding window size (default: crop_size)
-    eval_stride_ratio: float = 2 / 3
-    eval_split: str = "val"
+    eval_every: int = _opt(0, "evaluate every this many steps (0: only at the end)")
+    eval_mode: str = _opt("whole", "whole images, or sliding windows of --eval-crop", ("whole", "sliding"))
+    eval_crop: Optional[Sequence[int]] = _opt(None, "sliding window (or whole-image centre crop), height and "
+                                                    "width (default: --crop-size for sliding)")
+    eval_stride_ratio: float = _opt(2 / 3, "sliding windows start every this fraction of the window")
+    eval_split: str = _opt("val", "the split scored at evaluation")
     # Output, checkpoints, logging
-    out_dir: str = "runs/default"
-    ckpt_every: int = 0                      # 0: only at the end
-    resume: bool = False                     # continue from out_dir/last.pt if it exists
-    log_every: int = 1
-    progress: bool = True
-    plot: bool = True
-    stop_after: int = 0                      # testing aid: exit abruptly after this step (simulates a kill)
+    out_dir: str = _opt("runs/default", "folder of last.pt, model.pt, log.csv, config.json, results.json")
+    ckpt_every: int = _opt(0, "save last.pt every this many steps (0: only at the end)")
+    resume: bool = _opt(False, "continue from --out-dir/last.pt (the options must be the checkpoint's)")
+    log_every: int = _opt(1, "average the losses over this many steps per log.csv row")
+    progress: bool = _opt(True, "show a progress bar")
+    plot: bool = _opt(True, "plot the loss curves to curves.png (needs matplotlib)")
+    stop_after: int = _opt(0, "testing aid: exit abruptly after this step, as if killed (0: off)")
 
     def distill_terms(self) -> dict:
         """The distillation terms that run, with their weights (off or 0-weighted terms are absent)."""
@@ -88,19 +118,29 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> "TrainConfig":
-        if len(tuple(self.crop_size)) != 2:
-            raise ValueError(f"crop_size: expected [height, width], got {self.crop_size!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp: expected 'none', 'bf16' or 'fp16', got {self.amp!r}")
-        if self.eval_mode not in ("whole", "sliding"):
-            raise ValueError(f"eval_mode: expected 'whole' or 'sliding', got {self.eval_mode!r}")
-        if self.adv_type not in ("wgan-gp", "hinge"):
-            raise ValueError(f"adv_type: expected 'wgan-gp' or 'hinge', got {self.adv_type!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
-        self.crop_size = tuple(int(c) for c in self.crop_size)
-        if self.eval_crop is not None:
-            self.eval_crop = tuple(int(c) for c in self.eval_crop)
+        """Check the values; raises ConfigError naming the flag."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{flag(f.name)}: expected one of {', '.join(choices)}, "
+                                  f"got {getattr(self, f.name)!r}")
+        for name in ("crop_size", "eval_crop"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(tuple(value)) != 2 or any(int(c) < 1 for c in value):
+                    raise ConfigError(f"{flag(name)}: expected a height and a width >= 1, got {value!r}")
+                setattr(self, name, tuple(int(c) for c in value))
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)}: expected >= 1, got {getattr(self, name)}")
+        for name in ("threads", "num_workers", "eval_every", "ckpt_every", "stop_after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)}: expected >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ConfigError(f"--log-every: expected >= 1, got {self.log_every}")
+        if self.dataset in ON_DISK_DATASETS and not self.data_root:
+            raise ConfigError(f"--data-root: dataset {self.dataset!r} is read from disk; give the folder that "
+                              f"holds it (or --dataset brain / procedural, which need no files)")
         return self
 
 
@@ -130,31 +170,59 @@ def load_file(path) -> dict:
         raise ValueError(f"config file {path}: expected a mapping of option names to values")
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise ValueError(f"config file {path}: unknown options {unknown}; known: {sorted(FIELDS)}")
+        raise ConfigError(f"--config {path}: unknown options {unknown}; known: {sorted(FIELDS)}")
     return data
 
 
-def _flag_type(f: dataclasses.Field):
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
+def _flag_type(f: dataclasses.Field) -> dict:
     default = f.default
     if f.name in ("crop_size", "eval_crop"):
         return dict(type=int, nargs=2, metavar=("H", "W"))
     if isinstance(default, bool):
         return dict(action=argparse.BooleanOptionalAction)
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
+    if isinstance(default, (int, float)):
         return dict(type=type(default))
-    if f.name in ("d_input_size",):
+    if f.name == "d_input_size":
         return dict(type=int)
     if f.name == "dataset_options":
-        return dict(type=json.loads, metavar="JSON")
+        return dict(type=_json_object, metavar="JSON")
     return dict(type=str)
+
+
+def _default_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, float):
+        return str(value) if len(str(value)) <= 8 else f"{value:.4g}"
+    return "none" if value is None else str(value)
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    """The field's help text with its default; argparse lists the choices itself."""
+    return f"{f.metadata['help']} (default: {_default_text(f.default)})".replace("%", "%%")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field (`--pixel-weight`, `--pixel/--no-pixel`, ...); defaults None = not given."""
-    parser.add_argument("--config", help="YAML/TOML/JSON file of options (flags override it)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML/TOML/JSON file of options named as the flags, with _ for - (flags override it)")
     group = parser.add_argument_group("options (override the config file)")
     for f in dataclasses.fields(TrainConfig):
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, **_flag_type(f))
+        choices = f.metadata.get("choices")
+        group.add_argument(flag(f.name), dest=f.name, default=None, help=flag_help(f),
+                           **({"choices": choices} if choices else {}), **_flag_type(f))
 
 
 def build_config(args: Optional[argparse.Namespace] = None, base: Optional[dict] = None, **overrides) -> TrainConfig:
@@ -167,5 +235,5 @@ def build_config(args: Optional[argparse.Namespace] = None, base: Optional[dict]
     values.update(overrides)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown options {unknown}")
+        raise ConfigError(f"unknown options {unknown}; known: {sorted(FIELDS)}")
     return TrainConfig(**values).validate()

@@ -31,6 +31,10 @@ class CsvLog:
             writer.writeheader()
             writer.writerows(self.rows)
 
+    def has(self, step: int, key: str) -> bool:
+        """Whether a row of `step` holds a value for `key`."""
+        return any(int(r["step"]) == step and r.get(key) not in (None, "") for r in self.rows)
+
     def append(self, step: int, values: dict) -> None:
         row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()}}
         self.rows.append(row)
@@ -43,17 +47,20 @@ class CsvLog:
 
 
 class Progress:
-    """tqdm when installed (and enabled), else a plain line every ~10 % of the run."""
+    """A progress bar per run: tqdm (kept on screen, with rate and ETA) when stderr is a terminal and
+    tqdm is installed; otherwise one plain line every ~10 % of the run, readable in a log file (tqdm's
+    carriage returns are not)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True):
         self.bar = None
-        self.total, self.n, self.desc, self.enabled = total, initial, desc, enabled
+        self.total, self.n, self.start, self.desc, self.enabled = total, initial, initial, desc, enabled
         self.every = max(1, total // 10)
         self.t0 = time.time()
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+                self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
+                                unit="step", file=sys.stderr)
             except ImportError:
                 pass
 
@@ -64,12 +71,20 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
         elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
-            print(f"{self.desc} step {self.n}/{self.total} {text} ({time.time() - self.t0:.0f} s)",
+            elapsed = time.time() - self.t0
+            per_step = elapsed / max(1, self.n - self.start)
+            print(f"{self.desc}: step {self.n}/{self.total}  {per_step:.2f} s/step  "
+                  f"elapsed {duration_text(elapsed)}  left {duration_text(per_step * (self.total - self.n))}  {text}",
                   file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def duration_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def plot_log(csv_path, out_path) -> Optional[Path]:

@@ -1,5 +1,5 @@
-"""The student's losses (task + pixel + pair + holistic G term) and the discriminator's, as in the
-official recipe (networks/kd_model.py): see /work/shared/SKD.md."""
+"""The student's losses (task + pixel + pair + holistic G term) and the discriminator's step, as in the
+official recipe (networks/kd_model.py); the distillation terms come from skd_kernels."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import skd_kernels
+
 from .config import TrainConfig
+from .models import PAIR_FEATURES_INDEX
 
 MIN_D_INPUT = 64  # skd_kernels.Discriminator's smallest input (its last 4x4 conv needs a 4x4 map)
+OFFICIAL_D_INPUT = 65  # the official D sees 65 x 65 score maps (512 crops at output stride 8)
 
 
 def upsample_to(logits: torch.Tensor, size) -> torch.Tensor:
@@ -64,26 +68,6 @@ class TaskLoss(nn.Module):
         return loss
 
 
-def _pairwise_loss(scale: float) -> nn.Module:
-    import skd_kernels
-    if hasattr(skd_kernels, "PairWiseDistillLoss"):
-        return skd_kernels.PairWiseDistillLoss(scale=scale, feat_ind=-5)
-    return _ReferencePairWise(scale)
-
-
-class _ReferencePairWise(nn.Module):
-    """The official pair-wise loss through skd_kernels' reference, until the fused module is on main."""
-
-    def __init__(self, scale: float, feat_ind: int = -5):
-        super().__init__()
-        self.scale, self.feat_ind = scale, feat_ind
-
-    def forward(self, preds_S, preds_T):
-        from skd_kernels.reference import pairwise_distill_reference
-        return pairwise_distill_reference(preds_S[self.feat_ind], preds_T[self.feat_ind].detach(), scale=self.scale,
-                                          pooling="max", normalization="official")
-
-
 def _size_of(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The student's map at the teacher's spatial size (bilinear, align_corners=True) when the two
     architectures' output sizes differ (e.g. MobileNetV2 16x16 vs PSPNet 17x17); unchanged otherwise."""
@@ -96,7 +80,8 @@ class DistillLosses(nn.Module):
     """The distillation terms switched on in `cfg`, and the discriminator when holistic is on.
 
     student_terms(preds_S, preds_T) -> {name: weighted loss} (pixel, pair, adv_g);
-    d_loss(preds_S, preds_T) -> the D step's loss on detached maps: d_weight * (adv + GP (wgan-gp only)).
+    d_step(preds_S, preds_T) -> the D loss d_weight * (adv + GP (wgan-gp only)) on detached maps, its
+    backward already run into D's gradients (skd_kernels.HolisticDistillLoss.d_step, one graph at a time).
     """
 
     def __init__(self, cfg: TrainConfig, num_classes: int):
@@ -104,18 +89,14 @@ class DistillLosses(nn.Module):
         self.cfg = cfg
         self.terms = cfg.distill_terms()
         if "pixel" in self.terms:
-            import skd_kernels
             self.pixel = skd_kernels.CriterionPixelWise()
         if "pair" in self.terms:
-            self.pair = _pairwise_loss(cfg.pair_scale)
+            self.pair = skd_kernels.PairWiseDistillLoss(scale=cfg.pair_scale, feat_ind=PAIR_FEATURES_INDEX)
         self.D: Optional[nn.Module] = None
         if "holistic" in self.terms:
-            from skd_kernels import CriterionAdditionalGP, CriterionAdv, CriterionAdvForG, Discriminator
-            size = cfg.d_input_size or 65
-            self.D = Discriminator(1, num_classes, cfg.batch_size, size, cfg.d_conv_dim)
-            self.adv = CriterionAdv(cfg.adv_type)
-            self.adv_g = CriterionAdvForG(cfg.adv_type)
-            self.gp = CriterionAdditionalGP(self.D, cfg.lambda_gp) if cfg.adv_type == "wgan-gp" else None
+            size = cfg.d_input_size or OFFICIAL_D_INPUT
+            self.D = skd_kernels.Discriminator(1, num_classes, cfg.batch_size, size, cfg.d_conv_dim)
+            self.holistic = skd_kernels.HolisticDistillLoss(self.D, cfg.adv_type, cfg.lambda_gp, weight=cfg.d_weight)
 
     @property
     def needs_teacher(self) -> bool:
@@ -125,7 +106,7 @@ class DistillLosses(nn.Module):
         logits = logits.float()
         size = self.cfg.d_input_size
         if size is None and min(logits.shape[-2:]) < MIN_D_INPUT:
-            size = 65  # the official D's input size; it needs at least 64x64
+            size = OFFICIAL_D_INPUT  # the official D's input size; it needs at least 64x64
         if size and tuple(logits.shape[-2:]) != (size, size):
             logits = upsample_to(logits, (size, size))
         return logits
@@ -136,21 +117,17 @@ class DistillLosses(nn.Module):
             t0 = preds_T[0].float()
             out["pixel"] = self.terms["pixel"] * self.pixel([_size_of(preds_S[0].float(), t0)], [t0])
         if "pair" in self.terms:
-            ind = -5
+            ind = PAIR_FEATURES_INDEX
             t_feat = preds_T[ind].float()
-            s_list = list(preds_S)
-            s_list[ind] = _size_of(preds_S[ind].float(), t_feat)
-            t_list = list(preds_T)
-            t_list[ind] = t_feat
+            s_list, t_list = list(preds_S), list(preds_T)
+            s_list[ind], t_list[ind] = _size_of(preds_S[ind].float(), t_feat), t_feat
             out["pair"] = self.terms["pair"] * self.pair(s_list, t_list)
         if "holistic" in self.terms:
             # D's parameters get gradients here too; the D step zeroes them first (as the official code).
-            out["adv_g"] = self.terms["holistic"] * self.adv_g(self.D(self._d_input(preds_S[0])))
+            d_out_s = self.D(self._d_input(preds_S[0]))[0]  # D returns [scores, attention maps...]
+            out["adv_g"] = self.terms["holistic"] * skd_kernels.adversarial_g_loss(d_out_s)
         return out
 
-    def d_loss(self, preds_S, preds_T) -> torch.Tensor:
-        s, t = self._d_input(preds_S[0].detach()), self._d_input(preds_T[0].detach())
-        loss = self.adv(self.D(s), self.D(t))
-        if self.gp is not None:
-            loss = loss + self.gp([s], [t])
-        return self.cfg.d_weight * loss
+    def d_step(self, preds_S, preds_T) -> torch.Tensor:
+        total, _, _ = self.holistic.d_step(self._d_input(preds_S[0].detach()), self._d_input(preds_T[0].detach()))
+        return total

