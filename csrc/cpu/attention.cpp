@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/numeric.h"
 
 #ifdef _OPENMP
@@ -28,92 +29,6 @@ constexpr int64_t kStripElements = 65536;  // per buffer: 256 KB in float32
 constexpr int64_t kMaxStripRows = 64;
 
 int64_t strip_rows(int64_t n) { return std::clamp<int64_t>(kStripElements / n, 1, kMaxStripRows); }
-
-// C (rows x cols) (+)= A (rows x K) B (K x cols), all row-major with leading dimensions lda, ldb, ldc.
-// Register tiles of R rows by kTileCols columns accumulate over a block of K; blocking K keeps the
-// B panel in cache while every row group of the strip reuses it. The loops are plain C++; they are
-// compiled twice, for the baseline ISA and for AVX2+FMA, and the CPU picks at run time (the
-// extension is built without -march, so it still runs on any x86-64).
-template <typename T>
-constexpr int kTileCols = 64 / sizeof(T);
-constexpr int64_t kBlockK = 128;
-
-#define SKD_INLINE inline __attribute__((always_inline))
-
-template <typename T, int R, bool kFullTile>
-SKD_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
-                          int64_t ldc, int64_t width, bool accumulate) {
-  constexpr int W = kTileCols<T>;
-  T c[R][W] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    const T* b = B + k * ldb;
-    for (int r = 0; r < R; ++r) {
-      const T a = A[r * lda + k * a_k];
-      if constexpr (kFullTile) {
-#pragma omp simd
-        for (int t = 0; t < W; ++t) c[r][t] += a * b[t];
-      } else {
-        for (int64_t t = 0; t < width; ++t) c[r][t] += a * b[t];
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t t = 0; t < (kFullTile ? W : width); ++t)
-      C[r * ldc + t] = accumulate ? C[r * ldc + t] + c[r][t] : c[r][t];
-}
-
-template <typename T, int R>
-SKD_INLINE void gemm_rows(int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
-                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int W = kTileCols<T>;
-  int64_t c0 = 0;
-  for (; c0 + W <= cols; c0 += W) gemm_tile<T, R, true>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, W, accumulate);
-  if (c0 < cols) gemm_tile<T, R, false>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, cols - c0, accumulate);
-}
-
-template <typename T>
-SKD_INLINE void gemm_body(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k,
-                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if (K == 0 && !accumulate)
-    for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
-  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-    const int64_t kc = std::min(kBlockK, K - k0);
-    const bool acc = accumulate || k0 > 0;
-    int64_t a = 0;
-    const T* Ak = A + k0 * a_k;
-    for (; a + 4 <= rows; a += 4) gemm_rows<T, 4>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
-    for (; a < rows; ++a) gemm_rows<T, 1>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
-  }
-}
-
-template <typename T>
-void gemm_baseline(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
-                   int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-template <typename T>
-__attribute__((target("avx2,fma"))) void gemm_avx2(int64_t rows, int64_t cols, int64_t K, const T* A,
-                                                   int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
-                                                   int64_t ldc, bool accumulate) {
-  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-#endif
-
-template <typename T>
-void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb,
-          T* C, int64_t ldc, bool accumulate) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx2()) return gemm_avx2(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-#endif
-  gemm_baseline(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-}
 
 // out[a * n + b] (+)= x_a . y_b: x (rows, d) row-major, yt = y transposed, (d, n).
 template <typename T>
