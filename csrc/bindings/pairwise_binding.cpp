@@ -12,7 +12,7 @@
 namespace {
 
 // Shared by both directions: sizes, pooling and the node buffers.
-skd::PairwiseNodesProblem make_problem(const at::Tensor& features, int64_t kernel_h, int64_t kernel_w,
+skd::PairwiseNodesProblem make_problem(const at::Tensor& features, int64_t window_h, int64_t window_w,
                                        int64_t pooling, int64_t norm, const at::Tensor& nodes,
                                        const at::Tensor& inv_norm, const std::optional<at::Tensor>& argmax) {
   skd::PairwiseNodesProblem p{};
@@ -21,11 +21,12 @@ skd::PairwiseNodesProblem make_problem(const at::Tensor& features, int64_t kerne
   p.norm = static_cast<skd::NodeNorm>(norm);
   p.batch = features.size(0); p.channels = features.size(1);
   p.height = features.size(2); p.width = features.size(3);
-  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, "skd_kernels: node kernel must be positive");
-  p.kernel_h = kernel_h; p.kernel_w = kernel_w;
-  p.nodes_h = (p.height + kernel_h - 1) / kernel_h; p.nodes_w = (p.width + kernel_w - 1) / kernel_w;
-  TORCH_CHECK(p.pooling != skd::NodePooling::None || (kernel_h == 1 && kernel_w == 1),
-              "skd_kernels: pooling 'none' needs a 1x1 kernel");
+  TORCH_CHECK(window_h >= 1 && window_w >= 1, "skd_kernels: the node window must be at least 1x1, got ", window_h,
+              "x", window_w);
+  p.window_h = window_h; p.window_w = window_w;
+  p.nodes_h = (p.height + window_h - 1) / window_h; p.nodes_w = (p.width + window_w - 1) / window_w;
+  TORCH_CHECK(p.pooling != skd::NodePooling::None || (window_h == 1 && window_w == 1),
+              "skd_kernels: pooling 'none' needs a 1x1 window");
   p.features = features.data_ptr(); skd::copy_strides(features, p.feature_strides);
   const int64_t m = p.nodes_h * p.nodes_w;
   skd::check_buffer(nodes, "nodes", at::kDouble, p.batch * p.channels * m, features.device());
@@ -39,10 +40,10 @@ skd::PairwiseNodesProblem make_problem(const at::Tensor& features, int64_t kerne
   return p;
 }
 
-void pairwise_nodes_forward(const at::Tensor& features, int64_t kernel_h, int64_t kernel_w, int64_t pooling,
+void pairwise_nodes_forward(const at::Tensor& features, int64_t window_h, int64_t window_w, int64_t pooling,
                             int64_t norm, at::Tensor& nodes, at::Tensor& inv_norm,
                             const std::optional<at::Tensor>& argmax) {
-  const auto p = make_problem(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax);
+  const auto p = make_problem(features, window_h, window_w, pooling, norm, nodes, inv_norm, argmax);
   skd::run_on_device(features, p, skd::cpu::pairwise_nodes_forward, SKD_CUDA_PASS(pairwise_nodes_forward));
 }
 
@@ -51,13 +52,13 @@ const double* optional_vector(const std::optional<at::Tensor>& t, const char* na
   return static_cast<const double*>(skd::optional_buffer(t, name, at::kDouble, numel, features.device()));
 }
 
-void pairwise_nodes_backward(const at::Tensor& features, int64_t kernel_h, int64_t kernel_w, int64_t pooling,
+void pairwise_nodes_backward(const at::Tensor& features, int64_t window_h, int64_t window_w, int64_t pooling,
                              int64_t norm, const at::Tensor& nodes, const at::Tensor& inv_norm,
                              const std::optional<at::Tensor>& argmax, const at::Tensor& grad_residual,
                              const std::optional<at::Tensor>& grad_bias, const std::optional<at::Tensor>& grad_outer_c,
                              const std::optional<at::Tensor>& grad_outer_q, double grad_scale,
                              at::Tensor& grad_features) {
-  auto p = make_problem(features, kernel_h, kernel_w, pooling, norm, nodes, inv_norm, argmax);
+  auto p = make_problem(features, window_h, window_w, pooling, norm, nodes, inv_norm, argmax);
   TORCH_CHECK(argmax.has_value() == (p.pooling == skd::NodePooling::Max),
               "skd_kernels: the max-pooling backward needs the forward's argmax");
   skd::check_accumulation_dtype(grad_residual, "grad_residual");

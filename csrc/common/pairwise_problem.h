@@ -14,7 +14,7 @@ enum class NodePooling : int { None = 0, Max = 1, Avg = 2 };
 // (the official code); Paper u = p / max(||p||, 1e-12) with the gradient through the norm (F.normalize).
 enum class NodeNorm : int { Official = 0, Paper = 1 };
 
-// One feature map (B, C, H, W) and its nodes: windows of kernel_h x kernel_w, stride = kernel,
+// One feature map (B, C, H, W) and its nodes: windows of window_h x window_w, stride = the window,
 // ceil mode (partial windows at the border are nodes too), so every position lies in exactly one
 // window. M = nodes_h * nodes_w.
 struct PairwiseNodesProblem {
@@ -22,7 +22,7 @@ struct PairwiseNodesProblem {
   NodePooling pooling;
   NodeNorm norm;
   int64_t batch, channels, height, width;
-  int64_t kernel_h, kernel_w, nodes_h, nodes_w;
+  int64_t window_h, window_w, nodes_h, nodes_w;
   const void* features; int64_t feature_strides[4];  // in elements, any layout
   // Forward outputs (contiguous): normalised nodes u (B, C, M) in float64, so that the float64
   // similarity core sees the features exactly; 1 / (the normaliser) per node (B, M); for max pooling

@@ -32,7 +32,7 @@ void pool_channel(const PairwiseNodesProblem& p, const Scalar* plane, int64_t i,
                   Acc* col, int32_t* col_row) {
   const int64_t* st = p.feature_strides;
   const int64_t sw = kUnitStride ? 1 : st[3];  // a compile-time 1 lets the row loops vectorise
-  const int64_t width = p.width, h0 = i * p.kernel_h, h1 = std::min(h0 + p.kernel_h, p.height);
+  const int64_t width = p.width, h0 = i * p.window_h, h1 = std::min(h0 + p.window_h, p.height);
   const bool max = p.pooling == NodePooling::Max;
   int32_t nans = 0;
   for (int64_t h = h0; h < h1; ++h) {
@@ -57,7 +57,7 @@ void pool_channel(const PairwiseNodesProblem& p, const Scalar* plane, int64_t i,
     }
   }
   for (int64_t j = 0; j < p.nodes_w; ++j) {
-    const int64_t w0 = j * p.kernel_w, w1 = std::min(w0 + p.kernel_w, width);
+    const int64_t w0 = j * p.window_w, w1 = std::min(w0 + p.window_w, width);
     double acc = col[w0];
     int32_t best = int32_t(col_row[w0] * width + w0);
     for (int64_t w = w0 + 1; w < w1; ++w) {
@@ -166,11 +166,11 @@ void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
     }
     // Every position of the node row's windows is written: d p / count (avg), or d p at the
     // window's maximum and 0 elsewhere (max); row by row, contiguous runs per window.
-    const int64_t h0 = i * p.kernel_h, h1 = std::min(h0 + p.kernel_h, p.height);
+    const int64_t h0 = i * p.window_h, h1 = std::min(h0 + p.window_h, p.height);
     for (int64_t h = h0; h < h1; ++h) {
       Scalar* row = plane + h * gs[2];
       for (int64_t j = 0; j < nw; ++j) {
-        const int64_t w0 = j * p.kernel_w, w1 = std::min(w0 + p.kernel_w, p.width);
+        const int64_t w0 = j * p.window_w, w1 = std::min(w0 + p.window_w, p.width);
         const double share = arg ? du[j] : du[j] / double((h1 - h0) * (w1 - w0));
         const int64_t target = arg ? arg[j] - h * p.width : -1;  // column of the maximum in this row, if any
         if (gs[3] == 1) {

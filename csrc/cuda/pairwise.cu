@@ -23,7 +23,7 @@ namespace {
 struct Window { int64_t h0, h1, w0, w1; };
 
 __device__ __forceinline__ Window window(const PairwiseNodesProblem& p, int64_t i, int64_t j) {
-  return {i * p.kernel_h, min((i + 1) * p.kernel_h, p.height), j * p.kernel_w, min((j + 1) * p.kernel_w, p.width)};
+  return {i * p.window_h, min((i + 1) * p.window_h, p.height), j * p.window_w, min((j + 1) * p.window_w, p.width)};
 }
 
 template <typename Scalar>
@@ -207,7 +207,7 @@ __global__ void window_backward_kernel(PairwiseNodesProblem p) {
 constexpr int64_t kLargeWindow = 8;
 
 bool large_windows(const PairwiseNodesProblem& p) {
-  return p.pooling != NodePooling::None && p.kernel_h * p.kernel_w >= kLargeWindow;
+  return p.pooling != NodePooling::None && p.window_h * p.window_w >= kLargeWindow;
 }
 
 // Blocks: one row per (image, node); enough channel groups to fill the GPU, but not more than the
