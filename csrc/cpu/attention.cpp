@@ -101,8 +101,12 @@ struct View {  // per-image pointers into the contiguous (batch, n, d) arrays
   const AttentionProblem& p;
   const T* in(const void* base, int64_t b, int64_t d) const { return static_cast<const T*>(base) + b * p.n * d; }
   T* at(void* base, int64_t b, int64_t row, int64_t d) const { return static_cast<T*>(base) + (b * p.n + row) * d; }
-  const T* row(const void* base, int64_t b, int64_t row, int64_t d) const {
-    return static_cast<const T*>(base) + (b * p.n + row) * d;
+  const T* row(const void* base, int64_t b, int64_t row, int64_t d) const {  // nullptr for an absent operand
+    return base ? static_cast<const T*>(base) + (b * p.n + row) * d : nullptr;
+  }
+  // Image b of an operand transposed by transposed(): (d, n).
+  const T* image_t(const std::vector<T>& t, int64_t b, int64_t d) const {
+    return t.empty() ? nullptr : t.data() + b * p.n * d;
   }
 };
 
@@ -214,6 +218,35 @@ void backward(const AttentionProblem& p) {
   });
 }
 
+// One product x y^T of a strip: x (r, d) the strip's rows of one operand, y_t (d, n) the other
+// operand transposed; x == nullptr when either operand is absent (a zero cotangent).
+template <typename T>
+struct Product { const T* x; const T* y_t; int64_t d; };
+
+template <typename T>
+void product(const Product<T>& t, int64_t r, int64_t n, T* out, bool accumulate) {
+  if (t.x) dots(t.x, r, t.y_t, n, t.d, out, accumulate);
+  else if (!accumulate) std::fill(out, out + r * n, T(0));
+}
+
+// The products a double-backward strip starts from: the scores, dP, A = a1 + a2 and B (see
+// double_backward). The row pass takes its queries' products with all keys, the column pass its
+// keys' products with all queries: the same maps, transposed, so one routine fills both.
+template <typename T>
+struct StripProducts { Product<T> scores, dprob, a1, a2, b; };
+
+// The strip's four (r, n) buffers: P = exp(S - lse), dP, A, B.
+template <typename T>
+void fill_strip(const StripProducts<T>& s, int64_t r, int64_t n, const T* lse, bool transposed, T* prob, T* dp,
+                T* a, T* h) {
+  product(s.scores, r, n, prob, false);
+  probabilities(prob, r, n, lse, transposed);
+  product(s.dprob, r, n, dp, false);
+  product(s.a1, r, n, a, false);
+  product(s.a2, r, n, a, true);
+  product(s.b, r, n, h, false);
+}
+
 // Double backward, two passes as in backward(). Per pair (i, j), with the notation of
 // attention_chunked.py: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
 // dS2 = P (H - Hbar_i), H = (dP - D_i) A - dP Abar_i + B. The row pass stores D, Abar, Hbar.
@@ -237,14 +270,13 @@ void double_backward(const AttentionProblem& p) {
       T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
       T* grad_q = at.at(p.grad_q, b, i0, p.dk);
       T* grad_dout = at.at(p.grad_dout, b, i0, p.dv);
-      dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, prob, false);
-      probabilities(prob, r, n, at.row(p.lse, b, i0, 1), false);
-      dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
-      std::fill(a, a + r * n, T(0));
-      if (p.gq) dots(at.row(p.gq, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, a, true);
-      if (p.gk) dots(at.row(p.q, b, i0, p.dk), r, gk_t.data() + b * n * p.dk, n, p.dk, a, true);
-      if (p.gv) dots(at.row(p.dout, b, i0, p.dv), r, gv_t.data() + b * n * p.dv, n, p.dv, h, false);
-      else std::fill(h, h + r * n, T(0));
+      const T *q = at.row(p.q, b, i0, p.dk), *dout = at.row(p.dout, b, i0, p.dv);
+      const T *k = at.image_t(k_t, b, p.dk), *v = at.image_t(v_t, b, p.dv);
+      // S = q k^T, dP = dout v^T, A = gq k^T + q gk^T, B = dout gv^T.
+      fill_strip<T>({{q, k, p.dk}, {dout, v, p.dv}, {at.row(p.gq, b, i0, p.dk), k, p.dk},
+                     {p.gk ? q : nullptr, at.image_t(gk_t, b, p.dk), p.dk},
+                     {p.gv ? dout : nullptr, at.image_t(gv_t, b, p.dv), p.dv}},
+                    r, n, at.row(p.lse, b, i0, 1), false, prob, dp, a, h);
       for (int64_t x = 0; x < r; ++x) {
         T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
         T d = 0, abar = 0, c = 0, bbar = 0;
@@ -288,14 +320,12 @@ void double_backward(const AttentionProblem& p) {
     const int64_t n = p.n;
     T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
     const T *d = &row_d[b * n], *abar = &row_abar[b * n], *hbar = &row_hbar[b * n];
-    dots(at.row(p.k, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, prob, false);
-    probabilities(prob, r, n, at.in(p.lse, b, 1), true);
-    dots(at.row(p.v, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, dp, false);
-    std::fill(a, a + r * n, T(0));
-    if (p.gq) dots(at.row(p.k, b, j0, p.dk), r, gq_t.data() + b * n * p.dk, n, p.dk, a, true);
-    if (p.gk) dots(at.row(p.gk, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, a, true);
-    if (p.gv) dots(at.row(p.gv, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, h, false);
-    else std::fill(h, h + r * n, T(0));
+    const T *k = at.row(p.k, b, j0, p.dk), *q = at.image_t(q_t, b, p.dk), *dout = at.image_t(dout_t, b, p.dv);
+    // The row pass's maps transposed: S^T = k q^T, dP^T = v dout^T, A^T = k gq^T + gk q^T, B^T = gv dout^T.
+    fill_strip<T>({{k, q, p.dk}, {at.row(p.v, b, j0, p.dv), dout, p.dv},
+                   {p.gq ? k : nullptr, at.image_t(gq_t, b, p.dk), p.dk}, {at.row(p.gk, b, j0, p.dk), q, p.dk},
+                   {at.row(p.gv, b, j0, p.dv), dout, p.dv}},
+                  r, n, at.in(p.lse, b, 1), true, prob, dp, a, h);
     for (int64_t x = 0; x < r; ++x) {
       T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
 #pragma omp simd
