@@ -18,7 +18,7 @@ setup(
               "skd_kernels.triton", "skd_kernels.csrc",
               "skd_train", "skd_train.models", "skd_train.data"],
     package_dir={"skd_kernels.csrc": "csrc", "skd_train": "python/skd_train"},
-    package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu"], "skd_train": ["configs/*.yaml"]},
+    package_data={"skd_kernels.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu", "*/*.cuh"], "skd_train": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["skd-train = skd_train.cli:main"]},
     install_requires=["torch>=2.11", "ninja"],
     # test: numpy, which the Triton interpreter (CPU tests) needs and torch does not pull in.

@@ -25,7 +25,7 @@ def test_wheel_ships_the_sources_compiled_at_first_use(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for source in ("skd_kernels/csrc/bindings.cpp", "skd_kernels/csrc/bindings/pixelwise_binding.cpp",
                    "skd_kernels/csrc/cpu/pixelwise.cpp",
-                   "skd_kernels/csrc/cpu/numeric.h", "skd_kernels/csrc/cuda/pixelwise.cu",
+                   "skd_kernels/csrc/cpu/numeric.h", "skd_kernels/csrc/cuda/pixelwise.cu", "skd_kernels/csrc/cuda/numeric.cuh",
                    "skd_kernels/csrc/common/pixelwise_problem.h", "skd_kernels/triton/pixelwise.py"):
         assert source in names, source
     assert not any(name.endswith(".so") for name in names)

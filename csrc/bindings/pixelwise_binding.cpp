@@ -1,12 +1,11 @@
 // Binding of the fused pixel-wise loss: tensors in, PixelwiseProblem out, CPU or CUDA kernel.
 #include "../common/pixelwise_problem.h"
 #include "../cpu/pixelwise.h"
+#include "common.h"
 #include "registry.h"
 #include "tensor_views.h"
 
 #ifdef SKD_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include "../cuda/pixelwise.h"
 #endif
 
@@ -19,10 +18,11 @@ void pixelwise_forward(const at::Tensor& student, const at::Tensor& teacher,
                        const std::optional<at::Tensor>& grad_teacher) {
   TORCH_CHECK(student.sizes() == teacher.sizes() && student.dtype() == teacher.dtype(),
               "skd_kernels: student and teacher must match in shape and dtype");
-  TORCH_CHECK(pixel_loss.is_contiguous() && pixel_loss.scalar_type() == at::kDouble &&
-                  pixel_loss.numel() == student.size(0) * student.size(2) * student.size(3),
-              "skd_kernels: pixel_loss must be a contiguous float64 (B, H, W) tensor");
-  TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.numel() == 1, "skd_kernels: scale must be one float64");
+  TORCH_CHECK(student.dim() == 4, "skd_kernels: the logits must be (B, C, H, W), got ", student.sizes());
+  const at::Device device = student.device();
+  skd::check_buffer(pixel_loss, "pixel_loss (B, H, W)", at::kDouble,
+                    student.size(0) * student.size(2) * student.size(3), device);
+  skd::check_buffer(scale, "scale", at::kDouble, 1, device);
   skd::PixelwiseProblem p{};
   p.dtype = skd::dtype_of(student);
   p.loss = static_cast<skd::PixelLoss>(loss_kind);
@@ -45,18 +45,7 @@ void pixelwise_forward(const at::Tensor& student, const at::Tensor& teacher,
   if (grad_student) { p.grad_student = grad_student->data_ptr(); skd::copy_strides(*grad_student, p.grad_student_strides); }
   if (grad_teacher) { p.grad_teacher = grad_teacher->data_ptr(); skd::copy_strides(*grad_teacher, p.grad_teacher_strides); }
 
-  if (student.is_cpu()) {
-    skd::cpu::pixelwise_forward(p);
-    return;
-  }
-#ifdef SKD_WITH_CUDA
-  TORCH_CHECK(student.is_cuda(), "skd_kernels: tensors must be on CPU or CUDA");
-  const c10::cuda::CUDAGuard guard(student.device());
-  skd::cuda::pixelwise_forward(p, at::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-#else
-  TORCH_CHECK(false, "skd_kernels: this build has no CUDA kernels");
-#endif
+  skd::run_on_device(student, p, skd::cpu::pixelwise_forward, SKD_CUDA_PASS(pixelwise_forward));
 }
 
 const skd::BindingRegistration registration([](pybind11::module_& m) {

@@ -14,7 +14,7 @@ enum class NodePooling : int { None = 0, Max = 1, Avg = 2 };
 // (the official code); Paper u = p / max(||p||, 1e-12) with the gradient through the norm (F.normalize).
 enum class NodeNorm : int { Official = 0, Paper = 1 };
 
-// One feature map (B, C, H, W) and its nodes: windows of kernel_h x kernel_w, stride = kernel,
+// One feature map (B, C, H, W) and its nodes: windows of window_h x window_w, stride = the window,
 // ceil mode (partial windows at the border are nodes too), so every position lies in exactly one
 // window. M = nodes_h * nodes_w.
 struct PairwiseNodesProblem {
@@ -22,7 +22,7 @@ struct PairwiseNodesProblem {
   NodePooling pooling;
   NodeNorm norm;
   int64_t batch, channels, height, width;
-  int64_t kernel_h, kernel_w, nodes_h, nodes_w;
+  int64_t window_h, window_w, nodes_h, nodes_w;
   const void* features; int64_t feature_strides[4];  // in elements, any layout
   // Forward outputs (contiguous): normalised nodes u (B, C, M) in float64, so that the float64
   // similarity core sees the features exactly; 1 / (the normaliser) per node (B, M); for max pooling
@@ -40,29 +40,6 @@ struct PairwiseNodesProblem {
   const double* grad_bias; const double* grad_outer_c; const double* grad_outer_q;
   double grad_scale;
   void* grad_features; int64_t grad_strides[4];
-};
-
-// Centring of the nodes for the low-rank core (CPU): c = mean over nodes (B, C); r = u - c written
-// as float32 or float64 (B, C, M); q[b, m] = sum_c r c; sumsq[b, c] = sum_m r^2. The residual's
-// images lie residual_batch_stride elements apart (>= C M: the core stacks the student's and the
-// teacher's residuals, image by image, in one buffer); its rows are contiguous.
-struct PairwiseCentreProblem {
-  int64_t batch, channels, nodes;
-  const double* nodes_in;
-  void* residual; DType residual_dtype;
-  double* mean; double* q; double* sumsq;
-  int64_t residual_batch_stride;
-};
-
-// The difference form's centring (CPU, Cs == Ct): with rs = us - mean_s and rt = ut - mean_t (per
-// channel, over the nodes), writes S = (rs + rt) / 2 into rows [0, C) and E = rs - rt into rows
-// [C, 2C) of stacked (B, 2C, M), float32 or float64, each rounded once from float64; q_s[b, m] =
-// sum_c rs mean_s, q_t likewise (B, M); sumsq (B, 2C): the per-row sums of squares of S and E.
-struct PairwiseCentrePairProblem {
-  int64_t batch, channels, nodes;
-  const double* nodes_s; const double* nodes_t;
-  void* stacked; DType stacked_dtype;
-  double* mean_s; double* mean_t; double* q_s; double* q_t; double* sumsq;
 };
 
 }  // namespace skd

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/numeric.h"
 
 #ifdef _OPENMP
@@ -28,92 +29,6 @@ constexpr int64_t kStripElements = 65536;  // per buffer: 256 KB in float32
 constexpr int64_t kMaxStripRows = 64;
 
 int64_t strip_rows(int64_t n) { return std::clamp<int64_t>(kStripElements / n, 1, kMaxStripRows); }
-
-// C (rows x cols) (+)= A (rows x K) B (K x cols), all row-major with leading dimensions lda, ldb, ldc.
-// Register tiles of R rows by kTileCols columns accumulate over a block of K; blocking K keeps the
-// B panel in cache while every row group of the strip reuses it. The loops are plain C++; they are
-// compiled twice, for the baseline ISA and for AVX2+FMA, and the CPU picks at run time (the
-// extension is built without -march, so it still runs on any x86-64).
-template <typename T>
-constexpr int kTileCols = 64 / sizeof(T);
-constexpr int64_t kBlockK = 128;
-
-#define SKD_INLINE inline __attribute__((always_inline))
-
-template <typename T, int R, bool kFullTile>
-SKD_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
-                          int64_t ldc, int64_t width, bool accumulate) {
-  constexpr int W = kTileCols<T>;
-  T c[R][W] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    const T* b = B + k * ldb;
-    for (int r = 0; r < R; ++r) {
-      const T a = A[r * lda + k * a_k];
-      if constexpr (kFullTile) {
-#pragma omp simd
-        for (int t = 0; t < W; ++t) c[r][t] += a * b[t];
-      } else {
-        for (int64_t t = 0; t < width; ++t) c[r][t] += a * b[t];
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t t = 0; t < (kFullTile ? W : width); ++t)
-      C[r * ldc + t] = accumulate ? C[r * ldc + t] + c[r][t] : c[r][t];
-}
-
-template <typename T, int R>
-SKD_INLINE void gemm_rows(int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
-                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int W = kTileCols<T>;
-  int64_t c0 = 0;
-  for (; c0 + W <= cols; c0 += W) gemm_tile<T, R, true>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, W, accumulate);
-  if (c0 < cols) gemm_tile<T, R, false>(K, A, lda, a_k, B + c0, ldb, C + c0, ldc, cols - c0, accumulate);
-}
-
-template <typename T>
-SKD_INLINE void gemm_body(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k,
-                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if (K == 0 && !accumulate)
-    for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
-  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-    const int64_t kc = std::min(kBlockK, K - k0);
-    const bool acc = accumulate || k0 > 0;
-    int64_t a = 0;
-    const T* Ak = A + k0 * a_k;
-    for (; a + 4 <= rows; a += 4) gemm_rows<T, 4>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
-    for (; a < rows; ++a) gemm_rows<T, 1>(cols, kc, Ak + a * lda, lda, a_k, B + k0 * ldb, ldb, C + a * ldc, ldc, acc);
-  }
-}
-
-template <typename T>
-void gemm_baseline(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B,
-                   int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-template <typename T>
-__attribute__((target("avx2,fma"))) void gemm_avx2(int64_t rows, int64_t cols, int64_t K, const T* A,
-                                                   int64_t lda, int64_t a_k, const T* B, int64_t ldb, T* C,
-                                                   int64_t ldc, bool accumulate) {
-  gemm_body(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-#endif
-
-template <typename T>
-void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t lda, int64_t a_k, const T* B, int64_t ldb,
-          T* C, int64_t ldc, bool accumulate) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx2()) return gemm_avx2(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-#endif
-  gemm_baseline(rows, cols, K, A, lda, a_k, B, ldb, C, ldc, accumulate);
-}
 
 // out[a * n + b] (+)= x_a . y_b: x (rows, d) row-major, yt = y transposed, (d, n).
 template <typename T>
@@ -186,8 +101,12 @@ struct View {  // per-image pointers into the contiguous (batch, n, d) arrays
   const AttentionProblem& p;
   const T* in(const void* base, int64_t b, int64_t d) const { return static_cast<const T*>(base) + b * p.n * d; }
   T* at(void* base, int64_t b, int64_t row, int64_t d) const { return static_cast<T*>(base) + (b * p.n + row) * d; }
-  const T* row(const void* base, int64_t b, int64_t row, int64_t d) const {
-    return static_cast<const T*>(base) + (b * p.n + row) * d;
+  const T* row(const void* base, int64_t b, int64_t row, int64_t d) const {  // nullptr for an absent operand
+    return base ? static_cast<const T*>(base) + (b * p.n + row) * d : nullptr;
+  }
+  // Image b of an operand transposed by transposed(): (d, n).
+  const T* image_t(const std::vector<T>& t, int64_t b, int64_t d) const {
+    return t.empty() ? nullptr : t.data() + b * p.n * d;
   }
 };
 
@@ -299,6 +218,35 @@ void backward(const AttentionProblem& p) {
   });
 }
 
+// One product x y^T of a strip: x (r, d) the strip's rows of one operand, y_t (d, n) the other
+// operand transposed; x == nullptr when either operand is absent (a zero cotangent).
+template <typename T>
+struct Product { const T* x; const T* y_t; int64_t d; };
+
+template <typename T>
+void product(const Product<T>& t, int64_t r, int64_t n, T* out, bool accumulate) {
+  if (t.x) dots(t.x, r, t.y_t, n, t.d, out, accumulate);
+  else if (!accumulate) std::fill(out, out + r * n, T(0));
+}
+
+// The products a double-backward strip starts from: the scores, dP, A = a1 + a2 and B (see
+// double_backward). The row pass takes its queries' products with all keys, the column pass its
+// keys' products with all queries: the same maps, transposed, so one routine fills both.
+template <typename T>
+struct StripProducts { Product<T> scores, dprob, a1, a2, b; };
+
+// The strip's four (r, n) buffers: P = exp(S - lse), dP, A, B.
+template <typename T>
+void fill_strip(const StripProducts<T>& s, int64_t r, int64_t n, const T* lse, bool transposed, T* prob, T* dp,
+                T* a, T* h) {
+  product(s.scores, r, n, prob, false);
+  probabilities(prob, r, n, lse, transposed);
+  product(s.dprob, r, n, dp, false);
+  product(s.a1, r, n, a, false);
+  product(s.a2, r, n, a, true);
+  product(s.b, r, n, h, false);
+}
+
 // Double backward, two passes as in backward(). Per pair (i, j), with the notation of
 // attention_chunked.py: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
 // dS2 = P (H - Hbar_i), H = (dP - D_i) A - dP Abar_i + B. The row pass stores D, Abar, Hbar.
@@ -322,14 +270,13 @@ void double_backward(const AttentionProblem& p) {
       T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
       T* grad_q = at.at(p.grad_q, b, i0, p.dk);
       T* grad_dout = at.at(p.grad_dout, b, i0, p.dv);
-      dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, prob, false);
-      probabilities(prob, r, n, at.row(p.lse, b, i0, 1), false);
-      dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
-      std::fill(a, a + r * n, T(0));
-      if (p.gq) dots(at.row(p.gq, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, a, true);
-      if (p.gk) dots(at.row(p.q, b, i0, p.dk), r, gk_t.data() + b * n * p.dk, n, p.dk, a, true);
-      if (p.gv) dots(at.row(p.dout, b, i0, p.dv), r, gv_t.data() + b * n * p.dv, n, p.dv, h, false);
-      else std::fill(h, h + r * n, T(0));
+      const T *q = at.row(p.q, b, i0, p.dk), *dout = at.row(p.dout, b, i0, p.dv);
+      const T *k = at.image_t(k_t, b, p.dk), *v = at.image_t(v_t, b, p.dv);
+      // S = q k^T, dP = dout v^T, A = gq k^T + q gk^T, B = dout gv^T.
+      fill_strip<T>({{q, k, p.dk}, {dout, v, p.dv}, {at.row(p.gq, b, i0, p.dk), k, p.dk},
+                     {p.gk ? q : nullptr, at.image_t(gk_t, b, p.dk), p.dk},
+                     {p.gv ? dout : nullptr, at.image_t(gv_t, b, p.dv), p.dv}},
+                    r, n, at.row(p.lse, b, i0, 1), false, prob, dp, a, h);
       for (int64_t x = 0; x < r; ++x) {
         T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
         T d = 0, abar = 0, c = 0, bbar = 0;
@@ -373,14 +320,12 @@ void double_backward(const AttentionProblem& p) {
     const int64_t n = p.n;
     T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
     const T *d = &row_d[b * n], *abar = &row_abar[b * n], *hbar = &row_hbar[b * n];
-    dots(at.row(p.k, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, prob, false);
-    probabilities(prob, r, n, at.in(p.lse, b, 1), true);
-    dots(at.row(p.v, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, dp, false);
-    std::fill(a, a + r * n, T(0));
-    if (p.gq) dots(at.row(p.k, b, j0, p.dk), r, gq_t.data() + b * n * p.dk, n, p.dk, a, true);
-    if (p.gk) dots(at.row(p.gk, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, a, true);
-    if (p.gv) dots(at.row(p.gv, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, h, false);
-    else std::fill(h, h + r * n, T(0));
+    const T *k = at.row(p.k, b, j0, p.dk), *q = at.image_t(q_t, b, p.dk), *dout = at.image_t(dout_t, b, p.dv);
+    // The row pass's maps transposed: S^T = k q^T, dP^T = v dout^T, A^T = k gq^T + gk q^T, B^T = gv dout^T.
+    fill_strip<T>({{k, q, p.dk}, {at.row(p.v, b, j0, p.dv), dout, p.dv},
+                   {p.gq ? k : nullptr, at.image_t(gq_t, b, p.dk), p.dk}, {at.row(p.gk, b, j0, p.dk), q, p.dk},
+                   {at.row(p.gv, b, j0, p.dv), dout, p.dv}},
+                  r, n, at.in(p.lse, b, 1), true, prob, dp, a, h);
     for (int64_t x = 0; x < r; ++x) {
       T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
 #pragma omp simd

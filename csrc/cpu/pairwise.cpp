@@ -32,7 +32,7 @@ void pool_channel(const PairwiseNodesProblem& p, const Scalar* plane, int64_t i,
                   Acc* col, int32_t* col_row) {
   const int64_t* st = p.feature_strides;
   const int64_t sw = kUnitStride ? 1 : st[3];  // a compile-time 1 lets the row loops vectorise
-  const int64_t width = p.width, h0 = i * p.kernel_h, h1 = std::min(h0 + p.kernel_h, p.height);
+  const int64_t width = p.width, h0 = i * p.window_h, h1 = std::min(h0 + p.window_h, p.height);
   const bool max = p.pooling == NodePooling::Max;
   int32_t nans = 0;
   for (int64_t h = h0; h < h1; ++h) {
@@ -57,7 +57,7 @@ void pool_channel(const PairwiseNodesProblem& p, const Scalar* plane, int64_t i,
     }
   }
   for (int64_t j = 0; j < p.nodes_w; ++j) {
-    const int64_t w0 = j * p.kernel_w, w1 = std::min(w0 + p.kernel_w, width);
+    const int64_t w0 = j * p.window_w, w1 = std::min(w0 + p.window_w, width);
     double acc = col[w0];
     int32_t best = int32_t(col_row[w0] * width + w0);
     for (int64_t w = w0 + 1; w < w1; ++w) {
@@ -166,11 +166,11 @@ void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
     }
     // Every position of the node row's windows is written: d p / count (avg), or d p at the
     // window's maximum and 0 elsewhere (max); row by row, contiguous runs per window.
-    const int64_t h0 = i * p.kernel_h, h1 = std::min(h0 + p.kernel_h, p.height);
+    const int64_t h0 = i * p.window_h, h1 = std::min(h0 + p.window_h, p.height);
     for (int64_t h = h0; h < h1; ++h) {
       Scalar* row = plane + h * gs[2];
       for (int64_t j = 0; j < nw; ++j) {
-        const int64_t w0 = j * p.kernel_w, w1 = std::min(w0 + p.kernel_w, p.width);
+        const int64_t w0 = j * p.window_w, w1 = std::min(w0 + p.window_w, p.width);
         const double share = arg ? du[j] : du[j] / double((h1 - h0) * (w1 - w0));
         const int64_t target = arg ? arg[j] - h * p.width : -1;  // column of the maximum in this row, if any
         if (gs[3] == 1) {
@@ -179,101 +179,6 @@ void nodes_backward_row(const PairwiseNodesProblem& p, int64_t b, int64_t i) {
           for (int64_t w = w0; w < w1; ++w) store(row + w * gs[3], (!arg || w == target) ? share : 0.0);
         }
       }
-    }
-  }
-}
-
-template <typename Residual>
-void centre(const PairwiseCentreProblem& p) {
-  const int64_t C = p.channels, M = p.nodes;
-#pragma omp parallel for schedule(static)
-  for (int64_t bc = 0; bc < p.batch * C; ++bc) {
-    const double* u = p.nodes_in + bc * M;
-    double sum = 0.0;
-    for (int64_t k = 0; k < M; ++k) sum += u[k];
-    p.mean[bc] = sum / double(M);
-  }
-  // Over chunks of nodes: q sums over channels, so a chunk owns its q; the per-channel sums of
-  // squares are partial per chunk and added up after.
-  constexpr int64_t kChunk = 256;
-  const int64_t chunks = (M + kChunk - 1) / kChunk;
-  std::vector<double> partial(p.batch * chunks * C, 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t work = 0; work < p.batch * chunks; ++work) {
-    const int64_t b = work / chunks, k0 = (work % chunks) * kChunk, n = std::min(kChunk, M - k0);
-    double q[kChunk] = {};
-    for (int64_t c = 0; c < C; ++c) {
-      const double mean = p.mean[b * C + c];
-      const double* u = p.nodes_in + (b * C + c) * M + k0;
-      Residual* r = static_cast<Residual*>(p.residual) + b * p.residual_batch_stride + c * M + k0;
-      double sumsq = 0.0;
-      for (int64_t k = 0; k < n; ++k) {
-        const double v = u[k] - mean;
-        r[k] = static_cast<Residual>(v);
-        q[k] += v * mean;
-        sumsq += v * v;
-      }
-      partial[work * C + c] = sumsq;
-    }
-    for (int64_t k = 0; k < n; ++k) p.q[b * M + k0 + k] = q[k];
-  }
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t c = 0; c < C; ++c) {
-      double sumsq = 0.0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) sumsq += partial[(b * chunks + chunk) * C + c];
-      p.sumsq[b * C + c] = sumsq;
-    }
-  }
-}
-
-template <typename Out>
-void centre_pair(const PairwiseCentrePairProblem& p) {
-  const int64_t C = p.channels, M = p.nodes;
-#pragma omp parallel for schedule(static)
-  for (int64_t bc = 0; bc < p.batch * C; ++bc) {
-    double sum_s = 0.0, sum_t = 0.0;
-    for (int64_t k = 0; k < M; ++k) { sum_s += p.nodes_s[bc * M + k]; sum_t += p.nodes_t[bc * M + k]; }
-    p.mean_s[bc] = sum_s / double(M);
-    p.mean_t[bc] = sum_t / double(M);
-  }
-  // As `centre`: a chunk of nodes owns its q; sums of squares are partial per chunk.
-  constexpr int64_t kChunk = 256;
-  const int64_t chunks = (M + kChunk - 1) / kChunk;
-  std::vector<double> partial(p.batch * chunks * 2 * C, 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t work = 0; work < p.batch * chunks; ++work) {
-    const int64_t b = work / chunks, k0 = (work % chunks) * kChunk, n = std::min(kChunk, M - k0);
-    double q_s[kChunk] = {}, q_t[kChunk] = {};
-    for (int64_t c = 0; c < C; ++c) {
-      const double mean_s = p.mean_s[b * C + c], mean_t = p.mean_t[b * C + c];
-      const double* us = p.nodes_s + (b * C + c) * M + k0;
-      const double* ut = p.nodes_t + (b * C + c) * M + k0;
-      Out* sum_row = static_cast<Out*>(p.stacked) + (b * 2 * C + c) * M + k0;
-      Out* diff_row = sum_row + C * M;
-      double ss = 0.0, ee = 0.0;
-      for (int64_t k = 0; k < n; ++k) {
-        const double rs = us[k] - mean_s, rt = ut[k] - mean_t;
-        q_s[k] += rs * mean_s;
-        q_t[k] += rt * mean_t;
-        const double sv = 0.5 * (rs + rt), ev = rs - rt;
-        sum_row[k] = static_cast<Out>(sv);
-        diff_row[k] = static_cast<Out>(ev);
-        ss += sv * sv;
-        ee += ev * ev;
-      }
-      partial[work * 2 * C + c] = ss;
-      partial[work * 2 * C + C + c] = ee;
-    }
-    for (int64_t k = 0; k < n; ++k) {
-      p.q_s[b * M + k0 + k] = q_s[k];
-      p.q_t[b * M + k0 + k] = q_t[k];
-    }
-  }
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t row = 0; row < 2 * C; ++row) {
-      double sumsq = 0.0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) sumsq += partial[(b * chunks + chunk) * 2 * C + row];
-      p.sumsq[b * 2 * C + row] = sumsq;
     }
   }
 }
@@ -431,15 +336,5 @@ template <typename Scalar> struct Backward {
 
 void pairwise_nodes_forward(const PairwiseNodesProblem& p) { dispatch<Forward>(p); }
 void pairwise_nodes_backward(const PairwiseNodesProblem& p) { dispatch<Backward>(p); }
-
-void pairwise_centre(const PairwiseCentreProblem& p) {
-  if (p.residual_dtype == DType::Float32) centre<float>(p);
-  else centre<double>(p);
-}
-
-void pairwise_centre_pair(const PairwiseCentrePairProblem& p) {
-  if (p.stacked_dtype == DType::Float32) centre_pair<float>(p);
-  else centre_pair<double>(p);
-}
 
 }  // namespace skd::cpu

@@ -6,8 +6,4 @@ namespace skd::cpu {
 void pairwise_nodes_forward(const PairwiseNodesProblem& p);
 // The gradient of the node pass: through the normalisation and the pooling into p.grad_features.
 void pairwise_nodes_backward(const PairwiseNodesProblem& p);
-// Centres the float64 nodes for the low-rank core; OpenMP over (image, chunk of nodes).
-void pairwise_centre(const PairwiseCentreProblem& p);
-// Centres both sides' nodes into the difference form's S and E (Cs == Ct); OpenMP likewise.
-void pairwise_centre_pair(const PairwiseCentrePairProblem& p);
 }

@@ -28,12 +28,13 @@ __device__ T dot(const T* x, const T* y, int64_t d) {
   return s;
 }
 
-template <typename T>
-__device__ T block_sum(T v, T* shm) {
+// The block's threads' values reduced by `op` (a tree over shared memory); every thread gets it.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* shm, Op op) {
   shm[threadIdx.x] = v;
   __syncthreads();
   for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) shm[threadIdx.x] += shm[threadIdx.x + w];
+    if (threadIdx.x < w) shm[threadIdx.x] = op(shm[threadIdx.x], shm[threadIdx.x + w]);
     __syncthreads();
   }
   const T r = shm[0];
@@ -41,18 +42,13 @@ __device__ T block_sum(T v, T* shm) {
   return r;
 }
 
+struct Add { template <typename T> __device__ T operator()(T a, T b) const { return a + b; } };
+struct Max { template <typename T> __device__ T operator()(T a, T b) const { return fmax(a, b); } };
+
 template <typename T>
-__device__ T block_max(T v, T* shm) {
-  shm[threadIdx.x] = v;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) shm[threadIdx.x] = fmax(shm[threadIdx.x], shm[threadIdx.x + w]);
-    __syncthreads();
-  }
-  const T r = shm[0];
-  __syncthreads();
-  return r;
-}
+__device__ T block_sum(T v, T* shm) { return block_reduce(v, shm, Add{}); }
+template <typename T>
+__device__ T block_max(T v, T* shm) { return block_reduce(v, shm, Max{}); }
 
 // out[c] (+)= sum_{j < n} weight(j) y[j * d + c] for c < d, one channel per thread; the weights of
 // a tile of kThreads indices are computed once per channel chunk and shared through `w`.

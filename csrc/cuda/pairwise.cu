@@ -23,16 +23,34 @@ namespace {
 struct Window { int64_t h0, h1, w0, w1; };
 
 __device__ __forceinline__ Window window(const PairwiseNodesProblem& p, int64_t i, int64_t j) {
-  return {i * p.kernel_h, min((i + 1) * p.kernel_h, p.height), j * p.kernel_w, min((j + 1) * p.kernel_w, p.width)};
+  return {i * p.window_h, min((i + 1) * p.window_h, p.height), j * p.window_w, min((j + 1) * p.window_w, p.width)};
+}
+
+// The image b, node and window of this thread in the one-thread-per-node kernels (m nodes per image);
+// false past the last node.
+struct ThreadNode { int64_t b, node, m; Window win; };
+
+__device__ __forceinline__ bool thread_node(const PairwiseNodesProblem& p, ThreadNode& t) {
+  t.m = p.nodes_h * p.nodes_w;
+  const int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= p.batch * t.m) return false;
+  t.b = id / t.m;
+  t.node = id % t.m;
+  t.win = window(p, t.node / p.nodes_w, t.node % p.nodes_w);
+  return true;
+}
+
+// The normaliser of a node whose pooled feature has squared norm `sumsq` (see NodeNorm).
+__device__ __forceinline__ double inverse_norm(const PairwiseNodesProblem& p, double sumsq) {
+  const double norm = sqrt(sumsq);
+  return p.norm == NodeNorm::Official ? 1.0 / (norm + 1e-8) : 1.0 / fmax(norm, 1e-12);
 }
 
 template <typename Scalar>
 __global__ void nodes_forward_kernel(PairwiseNodesProblem p) {
-  const int64_t m = p.nodes_h * p.nodes_w;
-  const int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (id >= p.batch * m) return;
-  const int64_t b = id / m, node = id % m, i = node / p.nodes_w, j = node % p.nodes_w;
-  const Window win = window(p, i, j);
+  ThreadNode t;
+  if (!thread_node(p, t)) return;
+  const auto [b, node, m, win] = t;
   const int64_t* st = p.feature_strides;
   const Scalar* base = static_cast<const Scalar*>(p.features) + b * st[0];
   double sumsq = 0.0;
@@ -56,8 +74,7 @@ __global__ void nodes_forward_kernel(PairwiseNodesProblem p) {
     if (p.argmax) p.argmax[(b * p.channels + c) * m + node] = best;
     sumsq += acc * acc;
   }
-  const double norm = sqrt(sumsq);
-  const double inv = p.norm == NodeNorm::Official ? 1.0 / (norm + 1e-8) : 1.0 / fmax(norm, 1e-12);
+  const double inv = inverse_norm(p, sumsq);
   p.inv_norm[b * m + node] = inv;
   for (int64_t c = 0; c < p.channels; ++c) p.nodes[(b * p.channels + c) * m + node] *= inv;
 }
@@ -74,11 +91,9 @@ __device__ __forceinline__ double grad_u(const PairwiseNodesProblem& p, int64_t 
 
 template <typename Scalar>
 __global__ void nodes_backward_kernel(PairwiseNodesProblem p) {
-  const int64_t m = p.nodes_h * p.nodes_w;
-  const int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (id >= p.batch * m) return;
-  const int64_t b = id / m, node = id % m, i = node / p.nodes_w, j = node % p.nodes_w;
-  const Window win = window(p, i, j);
+  ThreadNode t;
+  if (!thread_node(p, t)) return;
+  const auto [b, node, m, win] = t;
   const double inv = p.inv_norm[b * m + node];
   // Paper form: the gradient through the norm projects out the radial part, unless the norm was
   // clamped at 1e-12 (then it is a constant), as F.normalize.
@@ -164,8 +179,7 @@ __global__ void window_normalise_kernel(PairwiseNodesProblem p) {
   double* u = p.nodes + b * p.channels * m + node;
   double sumsq = 0.0;
   for (int64_t c = threadIdx.x; c < p.channels; c += blockDim.x) sumsq += u[c * m] * u[c * m];
-  const double norm = sqrt(block_sum(sumsq, scratch));
-  const double inv = p.norm == NodeNorm::Official ? 1.0 / (norm + 1e-8) : 1.0 / fmax(norm, 1e-12);
+  const double inv = inverse_norm(p, block_sum(sumsq, scratch));
   if (threadIdx.x == 0) p.inv_norm[b * m + node] = inv;
   for (int64_t c = threadIdx.x; c < p.channels; c += blockDim.x) u[c * m] *= inv;
 }
@@ -207,7 +221,7 @@ __global__ void window_backward_kernel(PairwiseNodesProblem p) {
 constexpr int64_t kLargeWindow = 8;
 
 bool large_windows(const PairwiseNodesProblem& p) {
-  return p.pooling != NodePooling::None && p.kernel_h * p.kernel_w >= kLargeWindow;
+  return p.pooling != NodePooling::None && p.window_h * p.window_w >= kLargeWindow;
 }
 
 // Blocks: one row per (image, node); enough channel groups to fill the GPU, but not more than the
