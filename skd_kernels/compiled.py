@@ -14,10 +14,10 @@ from .ops.pairwise.types import Centred, CentredPair
 
 
 def pixelwise(module, device_type: str) -> types.SimpleNamespace:
-    def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, scale, pixel_loss, grad_student,
+    def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, constant, pixel_loss, grad_student,
                       grad_teacher) -> None:
-        module.pixelwise_forward(student, teacher, labels, ignore_index, inv_tau, int(kl), scale, pixel_loss,
-                                 grad_student, grad_teacher)
+        module.pixelwise_loss_and_grad(student, teacher, labels, ignore_index, inv_tau, int(kl), constant,
+                                       pixel_loss, grad_student, grad_teacher)
 
     return types.SimpleNamespace(loss_and_grad=loss_and_grad)
 

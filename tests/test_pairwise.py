@@ -239,7 +239,7 @@ def test_difference_expansion_stays_float32_where_the_plain_expansion_cannot(fam
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_difference_centring_matches_stock_pytorch(dtype):
-    """csrc/cpu/pairwise.cpp `pairwise_centre_pair` against the stock-PyTorch centring."""
+    """csrc/cpu/pairwise_centre.cpp `pairwise_centre_pair` against the stock-PyTorch centring."""
     backend_device("cpu")
     g = torch.Generator().manual_seed(3)
     us, ut = torch.randn(2, 5, 37, generator=g, dtype=torch.float64), torch.randn(2, 5, 37, generator=g, dtype=torch.float64)

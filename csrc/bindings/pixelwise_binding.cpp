@@ -11,7 +11,7 @@
 
 namespace {
 
-void pixelwise_forward(const at::Tensor& student, const at::Tensor& teacher,
+void pixelwise_loss_and_grad(const at::Tensor& student, const at::Tensor& teacher,
                        const std::optional<at::Tensor>& labels, int64_t ignore_index, double inv_tau,
                        int64_t loss_kind, const at::Tensor& scale, at::Tensor& pixel_loss,
                        const std::optional<at::Tensor>& grad_student,
@@ -45,11 +45,11 @@ void pixelwise_forward(const at::Tensor& student, const at::Tensor& teacher,
   if (grad_student) { p.grad_student = grad_student->data_ptr(); skd::copy_strides(*grad_student, p.grad_student_strides); }
   if (grad_teacher) { p.grad_teacher = grad_teacher->data_ptr(); skd::copy_strides(*grad_teacher, p.grad_teacher_strides); }
 
-  skd::run_on_device(student, p, skd::cpu::pixelwise_forward, SKD_CUDA_PASS(pixelwise_forward));
+  skd::run_on_device(student, p, skd::cpu::pixelwise_loss_and_grad, SKD_CUDA_PASS(pixelwise_loss_and_grad));
 }
 
 const skd::BindingRegistration registration([](pybind11::module_& m) {
-  m.def("pixelwise_forward", &pixelwise_forward,
+  m.def("pixelwise_loss_and_grad", &pixelwise_loss_and_grad,
         "Fused pixel-wise distillation: per-pixel loss and (optionally) gradients, in place into outputs");
 });
 

@@ -7,7 +7,7 @@
 // a sum over keys (out, lse, dq, grad dout, the row statistics); column passes produce what is a
 // sum over queries (dk, dv), recomputing P_ij = exp(S_ij - lse_i) instead of reducing partial
 // sums across threads, so no thread-private copies of dk/dv exist and the result is deterministic.
-// The math of each pass is derived in skd_kernels/ops/attention_chunked.py.
+// The math of each pass is derived in docs/ops/attention.md.
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -248,7 +248,7 @@ void fill_strip(const StripProducts<T>& s, int64_t r, int64_t n, const T* lse, b
 }
 
 // Double backward, two passes as in backward(). Per pair (i, j), with the notation of
-// attention_chunked.py: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
+// docs/ops/attention.md: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
 // dS2 = P (H - Hbar_i), H = (dP - D_i) A - dP Abar_i + B. The row pass stores D, Abar, Hbar.
 template <typename T>
 void double_backward(const AttentionProblem& p) {

@@ -1,6 +1,6 @@
 // Centring of the float64 nodes for the low-rank similarity core on the CPU (see
-// skd_kernels/ops/pairwise_core.py): the core then works on residuals r = u - mean and rank-2
-// corrections built from the means.
+// skd_kernels/ops/pairwise/lowrank.py, docs/ops/pairwise.md): the core then works on residuals
+// r = u - mean and rank-2 corrections built from the means.
 #pragma once
 #include <cstdint>
 

@@ -182,7 +182,7 @@ void dispatch_dtype(const PixelwiseProblem& p) {
 
 }  // namespace
 
-void pixelwise_forward(const PixelwiseProblem& p) {
+void pixelwise_loss_and_grad(const PixelwiseProblem& p) {
   if (p.loss == PixelLoss::KL) return dispatch_dtype<PixelLoss::KL>(p);
   return dispatch_dtype<PixelLoss::CrossEntropy>(p);
 }

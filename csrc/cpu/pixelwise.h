@@ -3,5 +3,5 @@
 
 namespace skd::cpu {
 // Fills p.pixel_loss and, when asked, the gradients; OpenMP over blocks of pixels.
-void pixelwise_forward(const PixelwiseProblem& p);
+void pixelwise_loss_and_grad(const PixelwiseProblem& p);
 }

@@ -101,7 +101,7 @@ void launch(const PixelwiseProblem& p, cudaStream_t stream) {
 
 }  // namespace
 
-void pixelwise_forward(const PixelwiseProblem& p, void* stream) {
+void pixelwise_loss_and_grad(const PixelwiseProblem& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
     case DType::Float32: return launch<float, float>(p, s);

@@ -3,5 +3,5 @@
 
 namespace skd::cuda {
 // Launches the fused pixel-wise kernel on `stream` (a cudaStream_t); asynchronous, no host sync.
-void pixelwise_forward(const PixelwiseProblem& p, void* stream);
+void pixelwise_loss_and_grad(const PixelwiseProblem& p, void* stream);
 }

@@ -23,7 +23,7 @@ def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, constant,
     # Per class: q_t (log q_t - log q_s) for the KL, -q_t log q_s for the official soft
     # cross-entropy; a class of zero teacher probability adds 0 (0 log 0 = 0), not NaN.
     inner = log_q_t - log_q_s if kl else -log_q_s
-    loss_map = torch.where(q_t > 0, q_t * inner, 0).sum(1)
+    loss_map = torch.where(q_t == 0, 0, q_t * inner).sum(1)  # NaN (a +inf logit) propagates
     valid = None if labels is None else (labels != ignore_index)
     if valid is not None:
         loss_map = torch.where(valid, loss_map, 0)
@@ -35,4 +35,4 @@ def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, constant,
         grad_student.copy_((log_q_s.exp() - q_t) * weight)
     if grad_teacher is not None:
         # d/dt of sum_c q_t,c inner_c: the terms through log q_t sum to 0, leaving q_t (inner - loss).
-        grad_teacher.copy_(torch.where(q_t > 0, q_t * (inner - loss_map[:, None]), 0) * weight)
+        grad_teacher.copy_(torch.where(q_t == 0, 0, q_t * (inner - loss_map[:, None])) * weight)

@@ -91,7 +91,7 @@ def _pixelwise_kernel(
 
 def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, scale, pixel_loss,
                       grad_student, grad_teacher) -> None:
-    """Launch on validated input; same contract as the C++/CUDA `pixelwise_forward` and
+    """Launch on validated input; same contract as the C++/CUDA `pixelwise_loss_and_grad` and
     `pytorch/pixelwise.py`."""
     b, k, h, w = student.shape
     if k > MAX_CLASSES:
