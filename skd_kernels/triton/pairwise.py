@@ -188,6 +188,8 @@ def _grad_u(du_ptr, bias_ptr, oc_ptr, oq_ptr, grad_scale, b, chan, node, C, M, m
     return g * grad_scale
 
 
+# The node-pass kernels share one argument layout (pointers, sizes, strides, the same constexprs)
+# on purpose: one launcher (`_launch`) serves them all, so their headers read alike.
 @triton.jit
 def _nodes_backward_kernel(
     u_ptr, inv_ptr, arg_ptr, du_ptr, bias_ptr, oc_ptr, oq_ptr, scale_ptr, g_ptr,
