@@ -344,7 +344,7 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
         base_ms, base_mb = times.get(OFFICIAL), peaks.get(OFFICIAL)
         for name in [*times, *notes]:
             ms, mb = times.get(name), peaks.get(name)
-            row = dict(op=op.name, case=case.name, series=case.series, size=f"{case.size:g}", impl=name,
+            row = dict(op=op.name, case=case.name, series=case.series, size=f"{case.size:.10g}", impl=name,
                        dtype=dtype, ms=_fmt(ms, ".4g"), peak_mb=_fmt(mb, ".2f"),
                        speedup=_fmt(base_ms / ms if base_ms and ms else None, ".2f"),
                        memory_ratio=_fmt(base_mb / mb if base_mb is not None and mb and mb >= MIN_PEAK_MB else None,
