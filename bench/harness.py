@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -138,12 +139,17 @@ def build_steps(op: Op, case: Case, inputs: dict, device: torch.device, only=Non
             notes[impl.name] = impl.unsupported
             continue
         try:
-            step = impl.build(case, inputs)
-            ms = elapsed_ms(step, device)  # first call: builds and compiles
+            with warnings.catch_warnings(record=True) as caught:  # why a kernel was refused, if it fails
+                warnings.simplefilter("always")
+                step = impl.build(case, inputs)
+                ms = elapsed_ms(step, device)  # first call: builds and compiles
             for _ in range(warmup - 1 if ms < 2000 else 0):  # slow steps need no more warming
                 ms = elapsed_ms(step, device)
         except Exception as error:  # a baseline that cannot run this case: its row says why
-            notes[impl.name] = f"not run: {type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+            why = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+            if caught:
+                why += f" ({str(caught[-1].message).split(' (Triggered')[0][:200]})"
+            notes[impl.name] = f"not run: {why}"
             clear_grads(inputs)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
