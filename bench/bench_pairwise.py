@@ -27,7 +27,8 @@ def _case(name, b, cs, ct, h, w, options, modes, features="independent", series=
 CASES = [
     _case("tiny 9x9 nodes", 2, 16, 32, 9, 9, dict(node_size=1), ("tiny",)),
     _case("official default", 8, 128, 512, 65, 65, dict(scale=0.5), ("quick", "full")),  # 3x3 nodes
-    _case("33x33 nodes", 8, 512, 512, 33, 33, dict(node_size=1), ("quick", "full")),
+    _case("17x17 nodes", 8, 512, 512, 17, 17, dict(node_size=1), ("quick",)),
+    _case("33x33 nodes", 8, 512, 512, 33, 33, dict(node_size=1), ("full",)),
     _case("65x65 nodes", 8, 512, 512, 65, 65, dict(node_size=1), ("full",)),
     _case("129x129 nodes", 2, 256, 256, 129, 129, dict(node_size=1), ("full",)),
     _case("65x65 nodes, near", 8, 512, 512, 65, 65, dict(node_size=1), ("full",), features="near",

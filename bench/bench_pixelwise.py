@@ -23,7 +23,8 @@ def _case(b, k, h, w, modes):
 CASES = [
     _case(2, 19, 16, 16, ("tiny",)),
     _case(8, 19, 65, 65, ("quick", "full")),      # 1/8-resolution logits of a 512 crop (the official recipe)
-    _case(8, 19, 256, 512, ("quick", "full")),
+    _case(8, 19, 128, 256, ("quick",)),
+    _case(8, 19, 256, 512, ("full",)),
     _case(8, 19, 512, 512, ("full",)),            # full-resolution logits
     _case(8, 19, 512, 1024, ("full",)),
     _case(2, 150, 512, 512, ("full",)),           # ADE20K's 150 classes

@@ -306,6 +306,10 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _fmt_ms(ms) -> str:
+    return _fmt(ms, ".0f" if ms is not None and ms >= 1000 else ".4g")  # 4 significant digits, no exponent
+
+
 def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, rounds: Optional[int] = None,
            only: Optional[list] = None, progress=None) -> list[dict]:
     """Measure every case of `op` in `mode`; rows in COLUMNS order (numbers formatted, '' when absent).
@@ -352,7 +356,7 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
         for name in [*times, *notes]:
             ms, mb = times.get(name), peaks.get(name)
             row = dict(op=op.name, case=case.name, series=case.series, size=f"{case.size:.10g}", impl=name,
-                       dtype=dtype, ms=_fmt(ms, ".4g"), peak_mb=_fmt(mb, ".2f"),
+                       dtype=dtype, ms=_fmt_ms(ms), peak_mb=_fmt(mb, ".2f"),
                        speedup=_fmt(base_ms / ms if base_ms and ms else None, ".2f"),
                        memory_ratio=_fmt(base_mb / mb if base_mb is not None and mb and mb >= MIN_PEAK_MB else None,
                                          ".2f"),
