@@ -91,6 +91,12 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
             *("| " + " | ".join(cell or "—" for cell in line) + " |" for line in lines)]
 
 
+def _ms(text: str) -> str:
+    """Milliseconds as written, or without the exponent an older CSV may have (1.428e+04 -> 14280)."""
+    value = _number(text)
+    return f"{value:.0f}" if "e" in text and not math.isnan(value) else text
+
+
 def _ratio(text: str) -> str:
     return f"{text}×" if text else ""
 
@@ -100,7 +106,7 @@ def results_table(rows: list[dict]) -> list[str]:
     header = ["case", "impl", "ms", "peak MB", "speed-up", "memory"] + (["GB/s", "TFLOP/s", "% of limit"] if gpu else [])
     lines = []
     for row in rows:
-        line = [row["case"], f"`{row['impl']}`", row["ms"], row["peak_mb"], _ratio(row["speedup"]),
+        line = [row["case"], f"`{row['impl']}`", _ms(row["ms"]), row["peak_mb"], _ratio(row["speedup"]),
                 _ratio(row["memory_ratio"])]
         if gpu:
             line += [row["gb_per_s"], row["tflop_per_s"], row["pct_of_limit"]]
@@ -127,7 +133,7 @@ def headline_rows(rows_by_op: dict) -> list[list[str]]:
                 continue
             best = min(ours, key=lambda row: _number(row["ms"]))
             compiled = next((row["ms"] for row in rows if row["case"] == case and row["impl"] == COMPILED), "")
-            lines.append([op_name, case, official[case]["ms"], compiled or "", f"`{best['impl']}` {best['ms']}",
+            lines.append([op_name, case, _ms(official[case]["ms"]), _ms(compiled or ""), f"`{best['impl']}` {_ms(best['ms'])}",
                           _ratio(best["speedup"]), _ratio(best["memory_ratio"])])
     return lines
 
@@ -171,10 +177,12 @@ Every figure comes from `python -m bench` (`bench/harness.py`); rerun it to refr
 """
 
 NOISE = """\
-The CPU machine behind the `cpu` figures has 2 cores and was shared with other jobs while they were
-taken: timings there are noisy (±20 % between runs is usual); the ratios of one run, whose
-implementations were interleaved, are more reliable than the absolute times. Peak memory does not
-depend on the load."""
+The `cpu` figures were taken on a 2-core machine shared with other jobs (load averages around 20
+during the runs of 2026-12-02): their timings are noisy and many times slower than on an idle machine,
+so read the ratios within one case (its implementations were interleaved) rather than the absolute
+times, and expect them to move between runs. The full run used one thread (`--threads 1`, in the device
+column) so that OpenMP threads did not wait on each other under that load. Peak memory does not depend
+on the load: those figures are exact."""
 
 
 def latest_results(out: Path) -> dict:
