@@ -45,6 +45,7 @@ def plot(rows: list[dict], path: Path, title: str, size_label: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     series = list(dict.fromkeys(row["series"] for row in rows))
     impls = [name for name in dict.fromkeys(row["impl"] for row in rows) if name != OFFICIAL]
@@ -63,6 +64,8 @@ def plot(rows: list[dict], path: Path, title: str, size_label: str) -> None:
             if len(sizes) > 1 and sizes[-1] / max(sizes[0], 1e-9) > 10:
                 ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 2, not 2×10^0
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(y)[0] in "25" else ""))
             ax.set_xlabel(size_label)
             ax.set_ylabel(label)
             ax.set_title(name, fontsize=10)
