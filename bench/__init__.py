@@ -6,5 +6,7 @@
 
 Layout: `harness.py` times and measures (one harness, many cases), `cpu_memory.py` measures CPU peak
 memory in a process started with the settings that make it measurable, `report.py` writes the CSVs,
-plots and `results/README.md`. Each `bench_<op>.py` only declares the op's cases and baselines.
+plots and `results/README.md`. Each `bench_<op>.py` only declares the op's cases and baselines;
+`test_benchmarks.py` hands the same declarations to pytest-benchmark, `profile_pairwise.py` to the
+torch profiler. `scripts/gpu_check.sh` runs `python -m bench --quick --device cuda` on a lent GPU.
 """
