@@ -102,7 +102,8 @@ def main(argv=None) -> None:
     if args.headline:
         for folder, ops in report.latest_results(args.out).items():
             print(f"{folder}:")
-            print("\n".join(report.headline({op: report.read_csv(path) for op, (_, path) in ops.items()})))
+            rows_by_op = {op: report.read_csv(path) for op, (_, path) in ops.items()}
+            print("\n".join(report.headline(rows_by_op, {op: mode for op, (mode, _) in ops.items()})))
         return
     if args.report:
         for folder, ops in report.latest_results(args.out).items():

@@ -251,7 +251,8 @@ def environment(device: torch.device) -> dict:
                 name = re.search(r"model name\s*:\s*(.+)", cpuinfo.read()).group(1).strip()
         except (OSError, AttributeError):
             pass
-        name = f"{name}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        name = f"{name}, {threads} thread{'s' if threads > 1 else ''}"
     try:
         import triton
         triton_version = triton.__version__

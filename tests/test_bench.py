@@ -76,7 +76,7 @@ def test_tiny_run_writes_a_png_per_op_and_the_readme(tiny_run):
     for op in ("pixelwise", "attention"):
         assert f"cpu/{op}_tiny.png" in readme and f"cpu/{op}_tiny.csv" in readme
         assert load_op(op).title in readme
-    assert "| op | case | official ms |" in readme  # the headline table
+    assert "| op | case | run | official ms |" in readme  # the headline table
 
 
 def test_headline_names_our_fastest_implementation_per_op(tiny_run):
