@@ -1,91 +1,74 @@
-"""Holistic D step (forward + loss + gradient penalty + backward): fused attention vs the naive blocks.
+"""Holistic distillation, the discriminator's step: cases and baselines.
 
-    python bench/bench_holistic.py [--quick] [--device cpu|cuda] [--backend torch|cpu|...]
-
-Rows, per input (B, 19, H, W) of score maps, all with the official discriminator (preprocess BN,
-conv_dim 64, wgan-gp, lambda_gp 10), same weights:
-- naive: the official D step: naive attention (N x N maps), D(T), D(S) and the penalty's graphs
-  alive at one backward of the summed loss (`HolisticDistillLoss.d_loss(...).backward()`);
-- fused: the same step with the fused attention op;
-- fused_d_step: fused attention and `HolisticDistillLoss.d_step` (one graph alive at a time).
-Time (median, ms) and peak memory above the inputs (MB); `speedup` and `memory_ratio` are naive / row.
+Step: one D step of the official recipe on score maps (B, 19, H, W): the SAGAN discriminator
+(preprocess BN, conv_dim 64), wgan-gp loss and gradient penalty (lambda_gp 10, weight 0.1), backward.
+Baselines: the official step (naive attention blocks, `d_loss(...).backward()` with the three graphs
+alive at once); torch.compile cannot run it (the penalty's double backward).
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
-import skd_kernels as sk  # noqa: E402
-from common import RESULTS, device_name, ensure_cpu_measurement_env, peak_mb, print_table, time_ms, write_csv  # noqa: E402
-
-OFFICIAL = (8, 19, 65, 65)      # 1/8-resolution logits of a 512 crop: N = 64 at attn1
-FULL_RESOLUTION = (19, 512, 512)  # N = 4096 at attn1, 1024 at attn2; batch from --large-batch
-IMPLS = ("naive", "fused", "fused_d_step")
+import skd_kernels as sk
+from bench.harness import COMPILED, OFFICIAL, Case, Impl, Op
 
 
-def make_step(impl: str, shape, device, backend):
-    torch.manual_seed(0)
-    d = sk.Discriminator(1, shape[1], 8, 65, attention="naive" if impl == "naive" else "fused",
-                         backend=backend).to(device)
-    loss = sk.HolisticDistillLoss(d, "wgan-gp", lambda_gp=10.0, weight=0.1)
-    student = torch.randn(shape, device=device) * 3
-    teacher = torch.randn(shape, device=device) * 3
-
-    def step():
-        if impl == "fused_d_step":
-            loss.d_step(student, teacher)
-        else:
-            loss.d_loss(student, teacher).backward()
-        d.zero_grad(set_to_none=True)
-
-    return step
+def _case(b, h, w, modes):
+    return Case(f"{b}x19x{h}x{w}", size=b * h * w, params=dict(shape=(b, 19, h, w)), series="19 classes",
+                modes=modes)
 
 
-def run(shapes, device: torch.device, backend, repeats: int, path: Path) -> list[dict]:
-    """Measure every shape; the CSV is rewritten after each, so a long run interrupted keeps its rows."""
-    rows = []
-    for shape in shapes:
-        # Large inputs take seconds per step on a CPU: fewer samples there.
-        reps = repeats if shape[-1] * shape[-2] * shape[0] < 2**20 else 1
-        measured = {}
-        for impl in IMPLS:
-            step = make_step(impl, shape, device, backend)
-            measured[impl] = (time_ms(step, device, reps, warmup=1), peak_mb(step, device))
-            del step
-        naive_ms, naive_mb = measured["naive"]
-        for impl, (ms, mb) in measured.items():
-            rows.append(dict(device=device_name(device), shape="x".join(map(str, shape)), dtype="float32",
-                             impl=impl, backend=backend or "auto", ms=f"{ms:.1f}", peak_mb=f"{mb:.1f}",
-                             speedup=f"{naive_ms / ms:.2f}", memory_ratio=f"{naive_mb / max(mb, 1e-9):.2f}"))
-            print(rows[-1], flush=True)
-        write_csv(path, rows)
-    return rows
+CASES = [
+    _case(1, 64, 64, ("tiny",)),
+    _case(8, 65, 65, ("quick", "full")),   # 1/8-resolution logits of a 512 crop: N = 64 and 16
+    _case(1, 256, 256, ("full",)),
+    _case(1, 512, 512, ("full",)),         # full resolution: N = 4096 and 1024
+    _case(2, 512, 512, ("full",)),
+]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default=None, help="fused attention backend (default: auto)")
-    parser.add_argument("--quick", action="store_true", help=f"{OFFICIAL} and batch 1 at 512x512 only")
-    parser.add_argument("--large-batch", type=int, default=8,
-                        help="batch at 512x512 besides 1 (the naive step needs ~1.2 GB per image on CPU)")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--csv", type=Path, default=None)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        ensure_cpu_measurement_env()
-    shapes = [OFFICIAL, (1, *FULL_RESOLUTION)] + ([] if args.quick else [(args.large_batch, *FULL_RESOLUTION)])
-    path = args.csv or RESULTS / f"holistic_{device.type}{'_quick' if args.quick else ''}.csv"
-    rows = run(shapes, device, args.backend, args.repeats or (3 if args.quick else 5), path)
-    print_table(rows, ["shape", "impl", "backend", "ms", "peak_mb", "speedup", "memory_ratio"])
-    print(f"\n{rows[0]['device']}; written to {path}")
+def make_inputs(case, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    shape = case.params["shape"]
+    return dict(student=(torch.randn(shape, generator=g) * 3).to(device, dtype),
+                teacher=(torch.randn(shape, generator=g) * 3).to(device, dtype))
 
 
-if __name__ == "__main__":
-    main()
+def _d_step(attention, backend=None, one_graph_at_a_time=False):
+    def build(case, inputs):
+        torch.manual_seed(0)
+        d = sk.Discriminator(1, case.params["shape"][1], 8, 65, attention=attention, backend=backend)
+        loss = sk.HolisticDistillLoss(d.to(inputs["student"].device), "wgan-gp", lambda_gp=10.0, weight=0.1)
+
+        def step():
+            if one_graph_at_a_time:
+                loss.d_step(inputs["student"], inputs["teacher"])
+            else:
+                loss.d_loss(inputs["student"], inputs["teacher"]).backward()
+            d.zero_grad(set_to_none=True)
+        return step
+    return build
+
+
+def impls(case, device):
+    found = [Impl(OFFICIAL, _d_step("naive")),
+             Impl(COMPILED, unsupported="not run: torch.compile has no double backward (the gradient penalty)")]
+    for backend in sk.available_backends(device):
+        if backend not in ("torch", "triton") or (backend == "triton" and device.type == "cuda"):
+            found.append(Impl(f"skd_{backend}", _d_step("fused", backend)))
+    found.append(Impl("skd_d_step", _d_step("fused", one_graph_at_a_time=True)))
+    return found
+
+
+NOTES = """\
+One discriminator step of the official recipe: the SAGAN critic on teacher and student score maps,
+wgan-gp loss, gradient penalty (create_graph=True through the whole critic), backward. `official` uses
+the naive attention blocks and `d_loss(...).backward()`, with the graphs of D(T), D(S) and the penalty
+alive at once; `skd_<backend>` the same step with the fused attention op; `skd_d_step` fused attention
+and `HolisticDistillLoss.d_step`, which backpropagates each term right after its forward (one graph
+alive at a time, the same gradients). torch.compile cannot run the step: inductor has no double
+backward. The convolutions dominate the time; the gain is memory at full resolution (N = 4096 at the
+first attention block of a 512 × 512 input). `size` is pixels per batch (B·H·W)."""
+
+OP = Op(name="holistic", title="Holistic distillation (discriminator step)", size_label="pixels per batch (B·H·W)",
+        cases=CASES, make_inputs=make_inputs, impls=impls, notes=NOTES, dtypes=("float32",))

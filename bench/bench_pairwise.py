@@ -1,149 +1,96 @@
-"""Pair-wise distillation: fused forward+backward against the official formulation, same process.
+"""Pair-wise distillation (node similarity matrices): cases and baselines.
 
-    python bench/bench_pairwise.py [--quick] [--device cpu|cuda]      # table + CSV in bench/results/
-    pytest bench/bench_pairwise.py --benchmark-only                   # pytest-benchmark timings
-
-Rows: time (median, ms; on CPU in a process with glibc's usual allocator) and peak memory above the
-inputs (MB; on CPU in a re-exec that measures it, see bench/common.py) for the official
-CriterionPairWiseforWholeFeatAfterPool formula (it builds the M x M similarity matrices) and each
-fused backend on this device; `speedup` and `memory_ratio` are official / fused. Features are
-post-ReLU (as the PSP bottleneck's), student and teacher independent, or the teacher a 1e-3
-perturbation of the student (`near`: the plain low-rank form's hard case, which the core's
-difference form keeps exact in float32 when Cs == Ct; see skd_kernels/ops/pairwise.py). The official formulation is skipped where its similarity
-matrices alone would exceed --official-limit-gb.
+Step: forward and backward of the loss on post-ReLU features (B, Cs, H, W) and (B, Ct, H, W),
+student and teacher independent, or the teacher a 1e-3 perturbation of the student (`near`: the
+plain low-rank form's hard case). Baselines: the official CriterionPairWiseforWholeFeatAfterPool
+formula (skd_kernels.reference, materialising the M x M similarity matrices), eager and compiled;
+both skipped where those matrices alone would exceed OFFICIAL_LIMIT_GB.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import skd_kernels as sk
+from bench.harness import Case, Impl, Op, loss_step, official_baselines
+from skd_kernels.reference import pairwise_distill_reference
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import skd_kernels as sk  # noqa: E402
-from common import RESULTS, cpu_timings_then_memory, device_name, peak_mb, print_table, time_ms, write_csv  # noqa: E402
-from skd_kernels.reference import pairwise_distill_reference  # noqa: E402
-
-# (name, B, Cs, Ct, H, W, options, features)
-OFFICIAL_DEFAULT = ("official default", 8, 128, 512, 65, 65, dict(scale=0.5), "independent")
-DONE_WHEN = ("65x65 nodes", 8, 512, 512, 65, 65, dict(node_size=1), "independent")
-NEAR = ("65x65 nodes, near", 8, 512, 512, 65, 65, dict(node_size=1), "near")
-CIRKD = ("CIRKD 2x2 paper", 8, 128, 512, 65, 65, dict(node_size=2, normalization="paper"), "independent")
-LARGE = ("129x129 nodes", 2, 256, 256, 129, 129, dict(node_size=1), "independent")
-QUICK = [OFFICIAL_DEFAULT, ("33x33 nodes", 8, 512, 512, 33, 33, dict(node_size=1), "independent")]
-FULL = [OFFICIAL_DEFAULT, CIRKD, DONE_WHEN, NEAR, LARGE]
+OFFICIAL_LIMIT_GB = 4.0
 
 
-def fused_backends(device: torch.device) -> list[str]:
-    return sk.available_backends(device)  # "torch": our algorithm on stock PyTorch node passes
-
-
-def make_features(case, device):
-    _, b, cs, ct, h, w, _, kind = case
-    g = torch.Generator().manual_seed(0)
-    student = torch.randn((b, cs, h, w), generator=g).relu_()
-    if kind == "near":
-        teacher = student + 1e-3 * torch.randn((b, ct, h, w), generator=g)
-    else:
-        teacher = torch.randn((b, ct, h, w), generator=g).relu_()
-    return student.to(device).requires_grad_(), teacher.to(device)
-
-
-def official_matrix_gb(case) -> float:
-    _, b, cs, ct, h, w, options, _ = case
-    k = options.get("node_size", 1)
-    if "scale" in options:
-        k = int(h * options["scale"])
+def _case(name, b, cs, ct, h, w, options, modes, features="independent", series="max-pool nodes"):
+    k = int(h * options["scale"]) if "scale" in options else options.get("node_size", 1)
     nodes = -(-h // k) * -(-w // k)
-    return 2 * b * nodes**2 * 4 / 2**30  # A_s and A_t in float32
+    params = dict(b=b, cs=cs, ct=ct, h=h, w=w, options=options, features=features, nodes=nodes)
+    return Case(name, size=nodes, params=params, series=series, modes=modes)
 
 
-def make_step(impl: str, case, device):
-    student, teacher = make_features(case, device)
-    options = case[6]
-
-    def step():
-        if impl == "official":
-            loss = pairwise_distill_reference(student, teacher, **options)
-        else:
-            loss = sk.pairwise_distill_loss(student, teacher, backend=impl, **options)
-        loss.backward()
-        student.grad = None
-
-    return step
-
-
-def _impls(case, device, official_limit_gb):
-    impls = ["official", *fused_backends(device)]
-    if official_matrix_gb(case) > official_limit_gb:
-        impls.remove("official")
-    return impls
+CASES = [
+    _case("tiny 9x9 nodes", 2, 16, 32, 9, 9, dict(node_size=1), ("tiny",)),
+    _case("official default", 8, 128, 512, 65, 65, dict(scale=0.5), ("quick", "full")),  # 3x3 nodes
+    _case("17x17 nodes", 8, 512, 512, 17, 17, dict(node_size=1), ("quick",)),
+    _case("33x33 nodes", 8, 512, 512, 33, 33, dict(node_size=1), ("full",)),
+    _case("65x65 nodes", 8, 512, 512, 65, 65, dict(node_size=1), ("full",)),
+    _case("129x129 nodes", 2, 256, 256, 129, 129, dict(node_size=1), ("full",)),
+    _case("65x65 nodes, near", 8, 512, 512, 65, 65, dict(node_size=1), ("full",), features="near",
+          series="student ≈ teacher"),
+    _case("CIRKD 2x2 paper", 8, 128, 512, 65, 65, dict(node_size=2, normalization="paper"), ("full",),
+          series="CIRKD 2x2, paper normalisation"),
+]
 
 
-def time_all(cases, device, repeats, official_limit_gb) -> dict:
-    timings = {}
-    for case in cases:
-        for impl in _impls(case, device, official_limit_gb):
-            step = make_step(impl, case, device)
-            few = repeats if impl != "official" or official_matrix_gb(case) < 0.1 else max(1, repeats // 3)
-            timings[f"{case[0]}|{impl}"] = time_ms(step, device, few, warmup=1)
-            del step
-    return timings
+def official_matrices_gb(case) -> float:
+    return 2 * case.params["b"] * case.params["nodes"] ** 2 * 4 / 2**30  # A_s and A_t in float32
 
 
-def run(cases, device: torch.device, repeats: int, official_limit_gb: float) -> list[dict]:
-    if device.type == "cpu":
-        timings = cpu_timings_then_memory(lambda: time_all(cases, device, repeats, official_limit_gb))
+def make_inputs(case, device, dtype):
+    p = case.params
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn((p["b"], p["cs"], p["h"], p["w"]), generator=g).relu_()
+    if p["features"] == "near":
+        teacher = student + 1e-3 * torch.randn((p["b"], p["ct"], p["h"], p["w"]), generator=g)
     else:
-        timings = time_all(cases, device, repeats, official_limit_gb)
-    rows = []
-    for case in cases:
-        measured = {}
-        for impl in _impls(case, device, official_limit_gb):
-            step = make_step(impl, case, device)
-            measured[impl] = (timings[f"{case[0]}|{impl}"], peak_mb(step, device))
-            del step
-        official_ms, official_mb = measured.get("official", (float("nan"), float("nan")))
-        name, b, cs, ct, h, w, options, kind = case
-        for impl, (ms, mb) in measured.items():
-            rows.append(dict(device=device_name(device), case=name, shape=f"{b}x{cs}/{ct}x{h}x{w}",
-                             options=" ".join(f"{k}={v}" for k, v in options.items()), features=kind,
-                             dtype="float32", impl=impl, ms=f"{ms:.2f}", peak_mb=f"{mb:.1f}",
-                             official_matrices_gb=f"{official_matrix_gb(case):.2f}",
-                             speedup=f"{official_ms / ms:.2f}", memory_ratio=f"{official_mb / max(mb, 1e-9):.2f}"))
-    return rows
+        teacher = torch.randn((p["b"], p["ct"], p["h"], p["w"]), generator=g).relu_()
+    return dict(student=student.to(device, dtype).requires_grad_(), teacher=teacher.to(device, dtype))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="the official default and 33x33 nodes only")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--official-limit-gb", type=float, default=4.0)
-    parser.add_argument("--csv", type=Path, default=None)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    repeats = args.repeats or (3 if args.quick else 5)
-    rows = run(QUICK if args.quick else FULL, device, repeats, args.official_limit_gb)
-    print_table(rows, ["case", "shape", "features", "impl", "ms", "peak_mb", "speedup", "memory_ratio"])
-    suffix = "quick" if args.quick else "full"
-    path = args.csv or RESULTS / f"pairwise_{device.type}_{suffix}.csv"
-    write_csv(path, rows)
-    print(f"\n{rows[0]['device']}; written to {path}")
+def _official(case):
+    options = case.params["options"]
+
+    def loss(student, teacher):
+        return pairwise_distill_reference(student, teacher, **options)
+    return loss
 
 
-# pytest-benchmark: timings only (peak memory needs the process-wide settings of main()).
-@pytest.mark.parametrize("case", QUICK, ids=lambda c: c[0].replace(" ", "_"))
-@pytest.mark.parametrize("impl", ["official", "fused"])
-def test_pairwise_forward_backward(benchmark, impl, case):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = make_step("official" if impl == "official" else "auto", case, device)
-    benchmark.group = f"pairwise {case[0]}"
-    benchmark(step)
+def _fused(case, backend):
+    options = case.params["options"]
+
+    def loss(student, teacher):
+        return sk.pairwise_distill_loss(student, teacher, backend=backend, **options)
+    return loss
 
 
-if __name__ == "__main__":
-    main()
+def impls(case, device):
+    found = official_baselines(_official)
+    if official_matrices_gb(case) > OFFICIAL_LIMIT_GB:
+        why = f"not run: the similarity matrices alone take {official_matrices_gb(case):.1f} GB"
+        found = [Impl(impl.name, unsupported=why) for impl in found]
+    # `torch`: our algorithm on stock PyTorch node passes (not the reference, unlike the pixel-wise op).
+    for backend in sk.available_backends(device):
+        if backend != "triton" or device.type == "cuda":
+            found.append(Impl(f"skd_{backend}", lambda case, inputs, b=backend: loss_step(_fused(case, b), inputs)))
+    return found
+
+
+NOTES = """\
+Forward and backward of the loss on post-ReLU features, the student's channels Cs and the teacher's Ct.
+The official formula pools both maps into M nodes, normalises them and materialises two M × M similarity
+matrices per image (2·B·M²·4 bytes: 1.06 GB at 65 × 65 nodes, batch 8; not run above 4 GB). Ours never
+builds them: the squared Frobenius distance of the two Gram matrices is computed from the nodes'
+low-rank products (on the CPU float32 GEMMs on oneDNN, a symmetric stacked Gram; when Cs == Ct the
+difference form S = (Rs+Rt)/2, E = Rs−Rt, which stays exact in float32 when the student is close to the
+teacher: the `near` case). `skd_torch` is that algorithm with stock PyTorch node passes. `size` is the
+number of nodes M. The official default (scale 0.5 on 65 × 65 maps) has only 3 × 3 nodes: there the step
+is a few small ops and launch overhead decides; the fused op pays off from hundreds of nodes on."""
+
+OP = Op(name="pairwise", title="Pair-wise distillation", size_label="nodes M (pooled positions)",
+        cases=CASES, make_inputs=make_inputs, impls=impls, notes=NOTES)

@@ -1,98 +1,90 @@
-"""Pixel-wise distillation: fused forward+backward against the official formulation, same process.
+"""Pixel-wise distillation (soft-target cross-entropy over classes): cases and baselines.
 
-    python bench/bench_pixelwise.py [--quick] [--device cpu|cuda]      # table + CSV in bench/results/
-    pytest bench/bench_pixelwise.py --benchmark-only                   # pytest-benchmark timings
-
-Rows: time (median, ms) and peak memory above the inputs (MB, and in logits-sized tensors) for the
-official CriterionPixelWise formula and each fused backend on this device; `speedup` and
-`memory_ratio` are official / fused.
+Step: forward and backward of the loss on logits (B, K, H, W), student and teacher independent
+standard normal. Baselines: the official CriterionPixelWise formula (skd_kernels.reference), eager
+and compiled; on a GPU Liger-Kernel's fused KL divergence where it is installed.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import importlib.util
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import skd_kernels as sk  # noqa: E402
-from common import RESULTS, device_name, ensure_cpu_measurement_env, peak_mb, print_table, time_ms, write_csv  # noqa: E402
-from skd_kernels.reference import pixelwise_official  # noqa: E402
-
-OFFICIAL_DEFAULT = (8, 19, 65, 65)  # 1/8-resolution logits of a 512 crop: must not be slower here
-DONE_WHEN = (8, 19, 256, 512)
-FULL_RESOLUTION = [(8, 19, 512, 512), (8, 150, 512, 512), (8, 19, 512, 1024)]
+import skd_kernels as sk
+from bench.harness import Case, Impl, Op, loss_step, official_baselines
+from skd_kernels.reference import pixelwise_official
 
 
-def fused_backends(device: torch.device) -> list[str]:
-    return [b for b in sk.available_backends(device) if b != "torch"]
+def _case(b, k, h, w, modes):
+    return Case(f"{b}x{k}x{h}x{w}", size=b * h * w, params=dict(shape=(b, k, h, w)), series=f"K={k}", modes=modes)
 
 
-def make_step(impl: str, shape, device, dtype=torch.float32):
-    """One forward+backward of `impl` ('official' or a backend name) on fresh logits."""
-    student = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-    teacher = torch.randn(shape, device=device, dtype=dtype)
-
-    def step():
-        if impl == "official":
-            loss = pixelwise_official(student, teacher)
-        else:
-            loss = sk.pixelwise_distill_loss(student, teacher, backend=impl)
-        loss.backward()
-        student.grad = None
-
-    return step
+CASES = [
+    _case(2, 19, 16, 16, ("tiny",)),
+    _case(8, 19, 65, 65, ("quick", "full")),      # 1/8-resolution logits of a 512 crop (the official recipe)
+    _case(8, 19, 128, 256, ("quick",)),
+    _case(8, 19, 256, 512, ("full",)),
+    _case(8, 19, 512, 512, ("full",)),            # full-resolution logits
+    _case(8, 19, 512, 1024, ("full",)),
+    _case(2, 150, 512, 512, ("full",)),           # ADE20K's 150 classes
+]
 
 
-def run(shapes, device: torch.device, repeats: int) -> list[dict]:
-    rows = []
-    for shape in shapes:
-        logits_mb = torch.Size(shape).numel() * 4 / 2**20
-        measured = {}
-        for impl in ["official", *fused_backends(device)]:
-            step = make_step(impl, shape, device)
-            measured[impl] = (time_ms(step, device, repeats), peak_mb(step, device))
-            del step
-        official_ms, official_mb = measured["official"]
-        for impl, (ms, mb) in measured.items():
-            rows.append(dict(device=device_name(device), shape="x".join(map(str, shape)), dtype="float32",
-                             impl=impl, ms=f"{ms:.2f}", peak_mb=f"{mb:.1f}", peak_logits=f"{mb / logits_mb:.2f}",
-                             speedup=f"{official_ms / ms:.2f}", memory_ratio=f"{official_mb / max(mb, 1e-9):.2f}"))
-    return rows
+def make_inputs(case, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    shape = case.params["shape"]
+    student = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
+    teacher = torch.randn(shape, generator=g).to(device, dtype)
+    return dict(student=student, teacher=teacher)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="the official default and (8, 19, 256, 512) only")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--csv", type=Path, default=None)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        ensure_cpu_measurement_env()
-    shapes = [OFFICIAL_DEFAULT, DONE_WHEN] + ([] if args.quick else FULL_RESOLUTION)
-    repeats = args.repeats or (5 if args.quick else 10)
-    rows = run(shapes, device, repeats)
-    print_table(rows, ["shape", "impl", "ms", "peak_mb", "peak_logits", "speedup", "memory_ratio"])
-    suffix = "quick" if args.quick else "full"
-    path = args.csv or RESULTS / f"pixelwise_{device.type}_{suffix}.csv"
-    write_csv(path, rows)
-    print(f"\n{rows[0]['device']}; written to {path}")
+def _official(case):
+    return pixelwise_official
 
 
-# pytest-benchmark: timings only (peak memory needs the process-wide settings of main()).
-@pytest.mark.parametrize("shape", [OFFICIAL_DEFAULT, DONE_WHEN], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", ["official", "fused"])
-def test_pixelwise_forward_backward(benchmark, impl, shape):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = make_step("official" if impl == "official" else "auto", shape, device)
-    benchmark.group = f"pixelwise {'x'.join(map(str, shape))}"
-    benchmark(step)
+def _fused(backend):
+    def loss(student, teacher):
+        return sk.pixelwise_distill_loss(student, teacher, backend=backend)
+    return loss
 
 
-if __name__ == "__main__":
-    main()
+def _liger_step(case, inputs):
+    """Liger's KL(q_t || q_s) on rows of classes: (B, K, H, W) -> (B*H*W, K), log-probabilities
+    from torch. It differs from the official loss by the teacher's entropy, a constant of the
+    student: the same gradient."""
+    from liger_kernel.transformers.kl_div import LigerKLDIVLoss
+
+    kl = LigerKLDIVLoss(reduction="sum", log_target=True)
+    b, k, h, w = case.params["shape"]
+
+    def loss(student, teacher):
+        rows_s = student.permute(0, 2, 3, 1).reshape(-1, k)
+        rows_t = teacher.permute(0, 2, 3, 1).reshape(-1, k)
+        return kl(F.log_softmax(rows_s.float(), dim=1), F.log_softmax(rows_t.float(), dim=1)) / (h * w)
+
+    return loss_step(loss, inputs)
+
+
+def impls(case, device):
+    found = official_baselines(_official)
+    # The `torch` backend of this op is the reference itself: no row of its own.
+    for backend in sk.available_backends(device):
+        if backend != "torch" and (backend != "triton" or device.type == "cuda"):
+            found.append(Impl(f"skd_{backend}", lambda case, inputs, b=backend: loss_step(_fused(b), inputs)))
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        found.append(Impl("liger_kl", _liger_step))
+    return found
+
+
+NOTES = """\
+Forward and backward of the loss on logits (B, K, H, W). The official formula (`reference.pixelwise_official`)
+permutes the logits to (B·H·W, K) rows, takes softmax and log-softmax of both and keeps them for the
+backward: about five logits-sized tensors at its peak. The fused kernels read student and teacher once
+per pass and write only the student's gradient, about one logits-sized tensor. `liger_kl` (GPU, when
+`liger_kernel` is installed) is Liger-Kernel's fused KL divergence on the same logits rearranged to its
+(rows, classes) layout, log-probabilities computed by torch; it differs from the official loss by the
+teacher's entropy, so its gradient is the same. `size` is pixels per batch (B·H·W)."""
+
+OP = Op(name="pixelwise", title="Pixel-wise distillation", size_label="pixels per batch (B·H·W)",
+        cases=CASES, make_inputs=make_inputs, impls=impls, notes=NOTES)

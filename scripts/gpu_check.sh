@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent GPU machine (see the developers' guide): build the
-# CUDA extension, run the GPU tests, the benches and a short trainer run, each stage time-boxed so
-# that the call ends inside its limit. Logs and bench CSVs go to $OUT (at most 8 files come back).
+# CUDA extension, run the GPU tests, the benchmark (`python -m bench --quick`, every op), the pair-wise
+# profile and a short trainer run, each stage time-boxed so that the call ends inside its limit. Logs go
+# to $OUT; the benchmark's CSVs, plots and README to $OUT/bench, packed into $OUT/bench.tgz (few files
+# come back from a lent machine). To refresh the GPU tables and plots from it:
+#   tar -xzf bench.tgz -C /tmp && cp /tmp/bench/cuda/* bench/results/cuda/ && python -m bench --report
 #
-#   OUT=/tmp/gpu_out bash scripts/gpu_check.sh [seconds]    # default budget 440 s
-#   STAGES="build tests bench_pairwise" TEST_FILES="tests/test_pairwise.py" ... # a subset
+#   OUT=/tmp/gpu_out bash scripts/gpu_check.sh [seconds]    # default budget 540 s
+#   STAGES="build bench" TEST_FILES="tests/test_pairwise.py" ...      # a subset
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-BUDGET=${1:-440}
+BUDGET=${1:-540}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TORCH_EXTENSIONS_DIR=/tmp/skd_ext
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
 
-STAGES=${STAGES:-build tests bench_pairwise profile_pairwise bench_pixelwise bench_holistic bench_attention train}
+STAGES=${STAGES:-build tests bench profile_pairwise train}
 
 # stage NAME SECONDS LOG COMMAND...: run with min(SECONDS, what is left of the budget), if in STAGES.
 stage() {
@@ -53,11 +56,10 @@ read -r -a GPU_TESTS <<<"${TEST_FILES:-tests/test_pixelwise.py tests/test_pairwi
 stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --tb=short -rfE \
     -k "cuda or triton" "${GPU_TESTS[@]}"
 
-stage bench_pairwise 90 "$OUT/bench.log" "$PY" bench/bench_pairwise.py --csv "$OUT/pairwise_cuda.csv"
-stage profile_pairwise 40 "$OUT/bench.log" "$PY" bench/profile_pairwise.py --steps 20 --rows 12
-stage bench_pixelwise 40 "$OUT/bench.log" "$PY" bench/bench_pixelwise.py --quick --csv "$OUT/pixelwise_cuda.csv"
-stage bench_holistic 50 "$OUT/bench.log" "$PY" bench/bench_holistic.py --quick --csv "$OUT/holistic_cuda.csv"
-stage bench_attention 40 "$OUT/bench.log" "$PY" bench/bench_attention.py --quick --csv "$OUT/attention_cuda.csv"
+# The benchmark writes each op's CSV and plot as soon as the op is done: a run cut short keeps those.
+stage bench 230 "$OUT/bench.log" env TQDM_MININTERVAL=5 "$PY" -m bench --quick --device cuda --out "$OUT/bench"
+[[ -d "$OUT/bench" ]] && tar -czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+stage profile_pairwise 40 "$OUT/bench.log" "$PY" -m bench.profile_pairwise --steps 20 --rows 12
 
 TRAIN=(--dataset procedural --crop-size 129 129 --batch-size 8 --steps 30 --no-progress --no-plot --device cuda)
 stage train 60 "$OUT/bench.log" bash -c "
