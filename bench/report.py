@@ -276,7 +276,9 @@ def historical_section(out: Path) -> list[str]:
              "(torch.compile, SDPA backends, Liger) existed: their `speedup` and `memory_ratio` are also "
              "the official (for attention: naive) code's over the row's, medians of 5–10 steps (attention: "
              "the minimum). The GPU runs and what they found are told in "
-             f"[`{HISTORICAL}/gpu_h100_runs.md`]({HISTORICAL}/gpu_h100_runs.md). They are not comparable "
+             f"[`{HISTORICAL}/gpu_h100_runs.md`]({HISTORICAL}/gpu_h100_runs.md), the benchmark diaries and "
+             f"trainer runs once in the top-level README in [`{HISTORICAL}/history.md`]({HISTORICAL}/history.md). "
+             "They are not comparable "
              "with the tables above timing for timing: other code, other runs.", "", HISTORICAL_NOTES, ""]
     for path in csvs:
         rows = read_csv(path)
