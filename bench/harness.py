@@ -30,6 +30,8 @@ from typing import Callable, Optional
 
 import torch
 
+from skd_kernels.memory import CPU_MEASUREMENT_ENV, peak_memory_above_baseline
+
 REPO = Path(__file__).resolve().parent.parent
 OPS = ("pixelwise", "pairwise", "attention", "holistic")
 MODES = ("tiny", "quick", "full")
@@ -44,7 +46,6 @@ MIN_ROUNDS = {"tiny": 1, "quick": 3, "full": 3}
 
 # glibc serves every block of 64 KiB or more with mmap and unmaps it on free, so the resident-set
 # peak (VmHWM) follows the tensors; it must be set when the process starts.
-CPU_MEASUREMENT_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # --- declarations --------------------------------------------------------------------------------
@@ -200,28 +201,10 @@ def rounds_for(warm_ms: dict, mode: str, rounds: Optional[int] = None) -> int:
 
 # --- peak memory ---------------------------------------------------------------------------------
 
-def _status_bytes(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"{field_name}:\s+(\d+)", status.read()).group(1)) * 1024
-
-
 def peak_bytes(step: Callable, device: torch.device) -> int:
-    """Bytes allocated at the peak of step() beyond what was allocated when it started."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    if any(os.environ.get(k) != v for k, v in CPU_MEASUREMENT_ENV.items()):
-        raise RuntimeError(f"CPU peak memory needs {CPU_MEASUREMENT_ENV} set when the process starts "
-                           "(bench.cpu_memory runs with it)")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # VmHWM := the current resident set
-    base = _status_bytes("VmRSS")
-    step()
-    return _status_bytes("VmHWM") - base
+    """Bytes allocated at the peak of step() beyond what was allocated when it started (the library's
+    own measurement: the allocator on a GPU, VmHWM in a process started with CPU_MEASUREMENT_ENV)."""
+    return peak_memory_above_baseline(step, device)
 
 
 def cpu_peaks_mb(op: Op, dtype: str, ran: dict) -> tuple[dict, str]:
