@@ -3,8 +3,8 @@
 CUDA: the caching allocator's peak statistic. CPU: torch has no allocator statistics, so this reads
 the process's peak resident set (VmHWM, reset through /proc/self/clear_refs; Linux only). That is
 exact for tensors only when glibc serves every large block with mmap and returns it on free: run
-with MALLOC_MMAP_THRESHOLD_=65536 in the environment (see `CPU_MEASUREMENT_ENV`), as the tests and bench/ do in a
-subprocess.
+with MALLOC_MMAP_THRESHOLD_=65536 in the environment (see `CPU_MEASUREMENT_ENV`), as the tests and
+bench/ do in a subprocess.
 """
 from __future__ import annotations
 
