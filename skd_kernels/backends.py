@@ -48,10 +48,8 @@ PASS_API = {
     "attention": ("forward", "backward", "double_backward"),
 }
 
-# Passes a backend takes from the `torch` backend: Triton has no attention double-backward kernel
-# yet (the stock one is exact and O(N * C) in memory); the low-rank centring is fused on the CPU only.
+# Passes a backend takes from the `torch` backend: the low-rank centring is fused on the CPU only.
 _BORROWED_FROM_TORCH = {
-    ("attention", "triton"): ("double_backward",),
     ("pairwise", "triton"): ("centre", "centre_pair"),
     ("pairwise", "cuda"): ("centre", "centre_pair"),
 }

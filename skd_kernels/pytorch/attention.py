@@ -39,7 +39,7 @@ def _probabilities(q, kt, lse, rows):
     return torch.exp(torch.bmm(q[:, rows], kt).sub_(lse[:, rows, None]))
 
 
-def backward(q, k, v, lse, dout):
+def backward(q, k, v, out, lse, dout):
     """First derivatives (dq, dk, dv) for the incoming gradient dout (B, N, Dv); accumulation dtype."""
     b, n, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
