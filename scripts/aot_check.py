@@ -8,7 +8,7 @@ JIT would on an sm_90 device (Triton's own binder: argument types, the int == 1 
 specialisations, constexprs, num_warps/num_stages) and launches nothing. The public ops then run with
 backend='triton' on CPU tensors (float32 and float64, shapes that reach each kernel and each of its
 specialisations, first, second and double backward), so whatever kernels the Triton passes launch
-today are found without naming them here. Each distinct launch is compiled with `triton.compile` for
+today are found without naming them here (an autotuned kernel: each of its configs). Each distinct launch is compiled with `triton.compile` for
 GPUTarget("cuda", 90, 32) and its PTX is read for tensor-core instructions (wgmma, mma.sync) and
 vector global loads, then `ptxas -arch=sm_90a -v` gives registers and spills.
 CUDA: `nvcc -arch=sm_90 -Xptxas -v -c` on every csrc/cuda/*.cu, registers and spills per kernel.
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,6 @@ class Launch:
     constexprs: dict
     attrs: dict
     options: object
-    row: dict = field(default_factory=dict)
 
     @property
     def kernel(self) -> str:
@@ -77,6 +76,7 @@ class Launch:
 def recording(target):
     """Within: every Triton launch is bound as on `target` and recorded, not run. Yields the list."""
     from triton.compiler import make_backend
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     import skd_kernels.backends as backends
@@ -103,8 +103,14 @@ def recording(target):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 value.data.copy_(torch.randn(value.shape, generator=values, dtype=value.dtype))
 
+    def every_config(self, *args, grid=None, warmup=False, **kwargs):
+        # An autotuned kernel would time its configs on the GPU: record each of them instead.
+        for config in self.configs:
+            self.fn.run(*args, **kwargs, **config.all_kwargs(), grid=grid, warmup=warmup)
+
     saved_run, saved_interpreting = JITFunction.run, backends.triton_interpreting
-    JITFunction.run = record
+    saved_autotune = Autotuner.run
+    JITFunction.run, Autotuner.run = record, every_config
     # The triton backend takes CPU tensors only when it may interpret; nothing runs here.
     backends.triton_interpreting = lambda: True
     backends.reset()
@@ -112,6 +118,7 @@ def recording(target):
         yield launches, current
     finally:
         JITFunction.run, backends.triton_interpreting = saved_run, saved_interpreting
+        Autotuner.run = saved_autotune
         backends.reset()
 
 
@@ -189,7 +196,9 @@ def kernels_defined() -> set[tuple[str, str]]:
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, value in vars(module).items():
-            if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            while isinstance(value, triton.runtime.KernelInterface) and not isinstance(value, triton.runtime.JITFunction):
+                value = value.fn  # under @triton.autotune / @triton.heuristics
+            if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel"):
                 found.add((value.module, value.__name__))
     return found
 
