@@ -236,6 +236,9 @@ def write_readme(out: Path) -> Path:
             first = next(iter(rows_by_op.values()))[0]
             lines += [f"`{folder}/` ({first['device'].split(',')[0]}, {first['dtype']}):", "",
                       *headline(rows_by_op, {op: mode for op, (mode, _) in ops.items()}), ""]
+    if (out / "aot" / "aot.md").exists():  # scripts/aot_check.py's table
+        lines += ["Every kernel compiled ahead of time for sm_90a, registers, spills and instruction counts: "
+                  "[`aot/aot.md`](aot/aot.md), what it shows: [`aot/README.md`](aot/README.md).", ""]
     lines += ["## How these figures are measured", "", HOW_MEASURED, NOISE, ""]
     for op_name in OPS:
         op = load_op(op_name)
