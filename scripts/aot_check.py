@@ -122,6 +122,10 @@ def recording(target):
         backends.reset()
 
 
+# Two images: a batch of one would make the JIT specialise a batch-size argument to the constant 1.
+BATCH = 2
+
+
 def _leaf(*shape, dtype, grad=True):
     return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
 
@@ -132,10 +136,10 @@ def drive_pixelwise(dtype):
     # 19 classes (Cityscapes) and 150 (ADE20K) give different class tiles; 64 x 64 logits (a 512 x 512
     # crop at stride 8) are several pixel tiles and have the JIT's divisible-by-16 sizes, as on real maps.
     for classes in (19, 150):
-        labels = torch.randint(0, classes, (1, 64, 64))
+        labels = torch.randint(0, classes, (BATCH, 64, 64))
         for form, with_labels, teacher_grad in (("official", False, False), ("kl", True, True), ("kl", False, False)):
-            student = _leaf(1, classes, 64, 64, dtype=dtype)
-            teacher = _leaf(1, classes, 64, 64, dtype=dtype, grad=teacher_grad)
+            student = _leaf(BATCH, classes, 64, 64, dtype=dtype)
+            teacher = _leaf(BATCH, classes, 64, 64, dtype=dtype, grad=teacher_grad)
             loss = pixelwise_distill_loss(student, teacher, labels if with_labels else None, form=form,
                                           backend="triton")
             loss.backward()
@@ -155,8 +159,8 @@ def drive_pairwise(dtype):
                 for algorithm in ("lowrank", "tiled"):
                     if geometry.get("node_size") == 1 and pooling == "avg":
                         continue  # 1 x 1 windows pool nothing
-                    student = _leaf(1, 32, 65, 65, dtype=dtype)
-                    teacher = _leaf(1, 64, 65, 65, dtype=dtype, grad=False)
+                    student = _leaf(BATCH, 32, 65, 65, dtype=dtype)
+                    teacher = _leaf(BATCH, 64, 65, 65, dtype=dtype, grad=False)
                     loss = pairwise_distill_loss(student, teacher, pooling=pooling, normalization=normalization,
                                                  algorithm=algorithm, backend="triton", **geometry)
                     loss.backward()
@@ -167,7 +171,7 @@ def drive_attention(dtype):
 
     # The SAGAN blocks' widths: C = 256 (dk 32, dv 256) and C = 512 (dk 64, dv 512), N = 32 x 32.
     for dk, dv in ((32, 256), (64, 512)):
-        q, k, v = _leaf(1, 1024, dk, dtype=dtype), _leaf(1, 1024, dk, dtype=dtype), _leaf(1, 1024, dv, dtype=dtype)
+        q, k, v = _leaf(BATCH, 1024, dk, dtype=dtype), _leaf(BATCH, 1024, dk, dtype=dtype), _leaf(BATCH, 1024, dv, dtype=dtype)
         out = fused_attention(q, k, v, backend="triton")
         grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
         sum(g.square().sum() for g in grads).backward()  # the double backward (a gradient penalty)
