@@ -104,10 +104,10 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, lambda_gp: 
 class HolisticDistillLoss(nn.Module):
     """The holistic loss of one training step around a discriminator.
 
-    d_loss(student, teacher[, image]) -> the D loss on detached score maps (B, K, H, W):
+    d_loss(student, teacher[, image][, alpha=]) -> the D loss on detached score maps (B, K, H, W):
         adversarial (wgan-gp or hinge) + for wgan-gp the gradient penalty (lambda_gp), times `weight`.
         With return_terms=True: (total, adversarial, penalty) (penalty 0 for hinge).
-    d_step(student, teacher[, image]) -> the same terms, detached, after running their backward one
+    d_step(student, teacher[, image][, alpha=]) -> the same terms, detached, after running their backward one
         graph at a time (same gradients, a third of the graphs alive: use it in training loops).
     g_loss(student[, image]) -> -mean D(S) times `weight`, differentiable w.r.t. the student.
 
@@ -134,7 +134,7 @@ class HolisticDistillLoss(nn.Module):
         return d, student, teacher
 
     def d_loss(self, student: torch.Tensor, teacher: torch.Tensor, image: Optional[torch.Tensor] = None,
-               *, return_terms: bool = False):
+               *, return_terms: bool = False, alpha: Optional[torch.Tensor] = None):
         _check_pair("student", student, "teacher", teacher)
         _check_maps(self.discriminator, image, student=student, teacher=teacher)
         critic, s_in, t_in = self._critic_and_inputs(student.detach(), teacher.detach(), image)
@@ -145,18 +145,21 @@ class HolisticDistillLoss(nn.Module):
         adversarial = adversarial_d_loss(d_out_s, d_out_t, self.adv_type)
         penalty = adversarial.new_zeros(())
         if self.adv_type == "wgan-gp":
-            penalty = gradient_penalty(critic, t_in, s_in, self.lambda_gp).to(adversarial.dtype)
+            penalty = gradient_penalty(critic, t_in, s_in, self.lambda_gp, alpha).to(adversarial.dtype)
         total = self.weight * (adversarial + penalty)
         return (total, adversarial, penalty) if return_terms else total
 
-    def d_step(self, student: torch.Tensor, teacher: torch.Tensor, image: Optional[torch.Tensor] = None):
+    def d_step(self, student: torch.Tensor, teacher: torch.Tensor, image: Optional[torch.Tensor] = None, *,
+               alpha: Optional[torch.Tensor] = None):
         """The D loss and its backward, one graph at a time: (total, adversarial, penalty), detached.
 
         Accumulates into the discriminator's .grad exactly what `d_loss(...).backward()` does (the
         same forwards in the same order, so the same BatchNorm statistics, power iterations and
         alpha), but backpropagates each term right after its forward, so only one of the three
         graphs (teacher, student, penalty) is alive at a time: the peak is the penalty's graph
-        instead of all three. Call optimiser.step() after it.
+        instead of all three. Call optimiser.step() after it. `alpha` (B,): the penalty's
+        interpolation weights, drawn as gradient_penalty draws them when None (a CUDA graph passes
+        ones drawn on the GPU: skd_kernels.graphs).
         """
         _check_pair("student", student, "teacher", teacher)
         _check_maps(self.discriminator, image, student=student, teacher=teacher)
@@ -174,7 +177,7 @@ class HolisticDistillLoss(nn.Module):
         adversarial = (real + fake).detach()
         penalty = adversarial.new_zeros(())
         if self.adv_type == "wgan-gp":
-            penalty = gradient_penalty(critic, t_in, s_in, self.lambda_gp)
+            penalty = gradient_penalty(critic, t_in, s_in, self.lambda_gp, alpha)
             (w * penalty).backward()
             penalty = penalty.detach().to(adversarial.dtype)
         return w * (adversarial + penalty), adversarial, penalty

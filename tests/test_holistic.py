@@ -156,6 +156,31 @@ def test_d_step_accumulates_the_gradients_of_d_loss_backward(adv_type):
         assert torch.allclose(d.state_dict()[key], value, rtol=1e-12, atol=0), key
 
 
+def test_d_step_with_a_given_alpha_uses_it_and_draws_nothing():
+    """A CUDA graph passes alpha drawn on the GPU (skd_kernels.graphs): the step must use it, not the
+    CPU generator's."""
+    _, d = official_and_ours(attention="fused")
+    student, teacher = score_maps(2)
+    loss = sk.HolisticDistillLoss(d, "wgan-gp", weight=0.1)
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    torch.manual_seed(4)
+    drawn_total, _, drawn_penalty = loss.d_step(student, teacher)  # draws alpha = torch.rand(2) after seed 4
+    expected = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+    d.zero_grad(set_to_none=True)
+    d.load_state_dict(state)
+    torch.manual_seed(4)
+    alpha = torch.rand(2)
+    rng = torch.get_rng_state()
+    total, _, penalty = loss.d_step(student, teacher, alpha=alpha.to(torch.float64))
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn
+    assert penalty.item() == pytest.approx(drawn_penalty.item(), rel=1e-12)
+    assert total.item() == pytest.approx(drawn_total.item(), rel=1e-12)
+    for name, grad in expected.items():
+        assert torch.allclose(d.get_parameter(name).grad, grad, rtol=1e-10, atol=1e-14), name
+    d.zero_grad(set_to_none=True)
+    other = loss.d_step(student, teacher, alpha=torch.full((2,), 0.5, dtype=torch.float64))[2]
+    assert other.item() != pytest.approx(drawn_penalty.item(), rel=1e-6)  # alpha matters: the test can fail
+
 def test_image_conditioned_penalty_differentiates_the_prepared_input():
     torch.manual_seed(0)
     d = sk.Discriminator(None, 22, attention="fused", image_conditioned=True, backend=FUSED_BACKEND)
