@@ -83,7 +83,7 @@ def measure(args) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the CPU memory process
     ops = [load_op(name) for name in args.ops]
     ops = [op for op in ops if args.dtype in op.dtypes or print(f"{op.name}: skipped, not benchmarked in {args.dtype}")]
-    bar = _progress(sum(len(op.cases_for(args.mode)) for op in ops))
+    bar = _progress(sum(len(op.cases_for(args.mode, device.type)) for op in ops))
     start = time.time()
     for op in ops:
         rows = run_op(op, args.mode, device, args.dtype, rounds=args.rounds, only=args.impls, progress=bar)

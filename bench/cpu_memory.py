@@ -25,7 +25,7 @@ def main() -> None:
     peaks = {}
     for case_name, names in spec["cases"].items():
         case = op.case(case_name)
-        inputs = op.make_inputs(case, device, dtype)
+        inputs = op.make_inputs(case, device, getattr(torch, case.dtype) if case.dtype else dtype)
         for impl in op.impls(case, device):
             if impl.name not in names:
                 continue

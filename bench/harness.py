@@ -55,7 +55,9 @@ MIN_ROUNDS = {"tiny": 1, "quick": 3, "full": 3}
 @dataclass
 class Case:
     """One problem: `name` is unique within its op; `size` is its x in the plots; cases of one
-    `series` form one line per implementation; `modes` are the runs that take it.
+    `series` form one line per implementation; `modes` are the runs that take it, `devices` the
+    device types (a case sized for a GPU only: "cuda"); `dtype`, when set, is the case's own dtype
+    whatever the run's (so one GPU table holds float32 and bfloat16 rows side by side).
 
     The work a step must do, whatever the implementation (the op file writes the formula next to the
     case): `elements`, tensor elements it must read or write at least, each of the benchmark dtype's
@@ -70,6 +72,8 @@ class Case:
     elements: int = 0
     flops: int = 0
     flop_dtype: dict = field(default_factory=dict)
+    devices: tuple = ("cpu", "cuda")
+    dtype: str = ""
 
     def bytes(self, dtype: torch.dtype) -> int:
         return self.elements * torch.empty((), dtype=dtype).element_size()
@@ -98,8 +102,10 @@ class Op:
     notes: str = ""
     dtypes: tuple = ("float32", "float16", "bfloat16")
 
-    def cases_for(self, mode: str) -> list:
-        return [case for case in self.cases if mode in case.modes]
+    def cases_for(self, mode: str, device_type: Optional[str] = None) -> list:
+        """The cases a run of `mode` takes (on `device_type`: only those declared for it)."""
+        return [case for case in self.cases
+                if mode in case.modes and (device_type is None or device_type in case.devices)]
 
     def case(self, name: str) -> Case:
         for case in self.cases:
@@ -217,8 +223,10 @@ def rounds_for(warm_ms: dict, mode: str, rounds: Optional[int] = None) -> int:
 
 def peak_bytes(step: Callable, device: torch.device) -> int:
     """Bytes allocated at the peak of step() beyond what was allocated when it started (the library's
-    own measurement: the allocator on a GPU, VmHWM in a process started with CPU_MEASUREMENT_ENV)."""
-    return peak_memory_above_baseline(step, device)
+    own measurement: the allocator on a GPU, VmHWM in a process started with CPU_MEASUREMENT_ENV).
+    A step that holds memory between calls says so in `step.held_bytes` (a CUDA graph's private pool,
+    reserved at capture, which its replays allocate nothing from): the larger of the two is its peak."""
+    return max(peak_memory_above_baseline(step, device), getattr(step, "held_bytes", 0))
 
 
 def cpu_peaks_mb(op: Op, dtype: str, ran: dict) -> tuple[dict, str]:
@@ -353,16 +361,15 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
     """
     if dtype not in op.dtypes:
         raise ValueError(f"dtype: {op.name} is benchmarked in {op.dtypes}, got {dtype!r}")
-    torch_dtype = getattr(torch, dtype)
     env = environment(device)
     if progress:
         progress.set_description(f"{op.name} device limits")
     limits = device_limits(device)
     measured = []  # (case, {impl: ms}, {impl: MB}, {impl: note})
-    for case in op.cases_for(mode):
+    for case in op.cases_for(mode, device.type):
         if progress:
             progress.set_description(f"{op.name} {case.name}")
-        inputs = op.make_inputs(case, device, torch_dtype)
+        inputs = op.make_inputs(case, device, getattr(torch, case.dtype or dtype))
         steps, warm_ms, notes = build_steps(op, case, inputs, device, only)
         times = interleaved_medians(steps, device, rounds_for(warm_ms, mode, rounds)) if steps else {}
         peaks = {name: peak_bytes(step, device) / 2**20 for name, step in steps.items()} if device.type == "cuda" else {}
@@ -383,15 +390,16 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
             case_peaks.update({name: peaks[f"{case.name}|{name}"] for name in times if f"{case.name}|{name}" in peaks})
     rows = []
     for case, times, peaks, notes in measured:
+        case_dtype = case.dtype or dtype
         base_ms, base_mb = times.get(OFFICIAL), peaks.get(OFFICIAL)
         for name in [*times, *notes]:
             ms, mb = times.get(name), peaks.get(name)
             row = dict(op=op.name, case=case.name, series=case.series, size=f"{case.size:.10g}", impl=name,
-                       dtype=dtype, ms=_fmt_ms(ms), peak_mb=_fmt(mb, ".2f"),
+                       dtype=case_dtype, ms=_fmt_ms(ms), peak_mb=_fmt(mb, ".2f"),
                        speedup=_fmt(base_ms / ms if base_ms and ms else None, ".2f"),
                        memory_ratio=_fmt(base_mb / mb if base_mb is not None and mb and mb >= MIN_PEAK_MB else None,
                                          ".2f"),
-                       **efficiency(case, ms, limits, device, torch_dtype),
+                       **efficiency(case, ms, limits, device, getattr(torch, case_dtype)),
                        copy_gb_per_s=_sig(limits["copy_gb_per_s"]),
                        matmul_float32_tflop_per_s=_sig(limits["matmul_float32_tflop_per_s"]),
                        matmul_float64_tflop_per_s=_sig(limits["matmul_float64_tflop_per_s"]),

@@ -22,7 +22,7 @@ MODE = os.environ.get("SKD_BENCH_MODE", "quick")
 def _params():
     for name in OPS:
         op = load_op(name)
-        for case in op.cases_for(MODE):
+        for case in op.cases_for(MODE, DEVICE.type):
             for impl in op.impls(case, DEVICE):
                 yield pytest.param(op, case, impl, id=f"{op.name}-{case.name}-{impl.name}".replace(" ", "_"))
 
@@ -31,7 +31,7 @@ def _params():
 def test_step(benchmark, op, case, impl):
     if impl.unsupported:
         pytest.skip(impl.unsupported)
-    inputs = op.make_inputs(case, DEVICE, torch.float32)
+    inputs = op.make_inputs(case, DEVICE, getattr(torch, case.dtype or "float32"))
     step = impl.build(case, inputs)
     try:
         step()  # builds, compiles

@@ -203,3 +203,88 @@ def test_cpu_peak_memory_refuses_a_process_without_the_settings(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     with pytest.raises(RuntimeError, match="MALLOC_MMAP_THRESHOLD_"):
         peak_bytes(lambda: None, torch.device("cpu"))
+
+
+def test_gpu_only_cases_stay_out_of_cpu_runs_and_cover_the_d_at_512_batch_8():
+    """Issue #11's measurements: both attention blocks of the D at a 512 x 512 input, batch 8, in
+    float32 and bfloat16, both passes, against the SDPA kernels that take Dk != Dv; the D step at
+    512 x 512 and 65 x 65, batch 8, official against fused, d_step and the graph-captured d_step."""
+    cuda = torch.device("cuda")
+    attention, holistic = load_op("attention"), load_op("holistic")
+    for op in (attention, holistic):
+        assert all("cpu" in case.devices for case in op.cases_for("quick", "cpu")), op.name
+    gpu_attention = {(case.params["shape"], case.params["attention_pass"], case.dtype)
+                     for case in attention.cases_for("quick", "cuda") if case.devices == ("cuda",)}
+    assert gpu_attention == {(shape, p, dtype) for shape in ((8, 4096, 32, 256), (8, 1024, 64, 512))
+                             for p in ("fwd_bwd", "double_bwd") for dtype in ("float32", "bfloat16")}
+    for case in attention.cases_for("quick", "cuda"):
+        runs = {impl.name for impl in attention.impls(case, cuda) if not impl.unsupported}
+        assert {OFFICIAL, "sdpa_math", "skd_triton"} <= runs, case.name
+        if case.params["attention_pass"] == "fwd_bwd":
+            assert {"sdpa_efficient", "sdpa_cudnn"} <= runs, case.name
+    shapes = {case.params["shape"]: case for case in holistic.cases_for("quick", "cuda")}
+    for shape in ((8, 19, 512, 512), (8, 19, 65, 65)):
+        runs = {impl.name for impl in holistic.impls(shapes[shape], cuda) if not impl.unsupported}
+        assert {OFFICIAL, "skd_triton", "skd_d_step", "skd_d_step_graph"} <= runs, shape
+    assert (8, 19, 512, 512) not in {case.params["shape"] for case in holistic.cases_for("quick", "cpu")}
+
+
+def test_official_of_a_bfloat16_attention_case_computes_in_bfloat16():
+    from bench.bench_attention import _official
+
+    op = load_op("attention")
+    case = next(case for case in op.cases if case.dtype == "bfloat16")
+    official = _official(case)
+    q, k, v = (torch.randn(1, 8, 4, dtype=torch.bfloat16) for _ in range(3))
+    seen = []
+    with _Recorder(seen):
+        official(q, k, v)
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen), seen
+    assert _official(op.cases_for("quick")[0]) is not official  # float32 cases keep the official float32 block
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """Records the dtype of every bmm's result."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.bmm:
+            self.seen.append(out.dtype)
+        return out
+
+
+def test_a_case_with_its_own_dtype_runs_and_reports_in_it(monkeypatch):
+    from bench import harness
+
+    made = []
+
+    def make_inputs(case, device, dtype):
+        made.append(dtype)
+        return dict(x=torch.ones(4, dtype=dtype, requires_grad=True))
+
+    op = harness.Op("fake", "fake", "n", [Case("own", 1, modes=("tiny",), dtype="float64"),
+                                          Case("run's", 2, modes=("tiny",)),
+                                          Case("gpu", 3, modes=("tiny",), devices=("cuda",))],
+                    make_inputs, lambda case, device: [harness.Impl(OFFICIAL, lambda case, inputs: harness.loss_step(
+                        lambda x: x.sum(), inputs))])
+    monkeypatch.setattr(harness, "cpu_peaks_mb", lambda *args: ({}, ""))
+    rows = harness.run_op(op, "tiny", torch.device("cpu"), "float32")
+    assert made == [torch.float64, torch.float32]  # the GPU-only case is not run on the CPU
+    assert [(row["case"], row["dtype"]) for row in rows] == [("own", "float64"), ("run's", "float32")]
+
+
+def test_the_peak_of_a_step_that_holds_memory_is_at_least_what_it_holds(monkeypatch):
+    from bench import harness
+
+    monkeypatch.setattr(harness, "peak_memory_above_baseline", lambda step, device: 5)
+
+    def step():
+        pass
+
+    assert harness.peak_bytes(step, torch.device("cpu")) == 5
+    step.held_bytes = 7  # a CUDA graph's pool: replays allocate nothing from the caching allocator
+    assert harness.peak_bytes(step, torch.device("cpu")) == 7
