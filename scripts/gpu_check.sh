@@ -52,7 +52,7 @@ t = time.time(); module = load_extension('cuda'); print('cuda extension:', modul
 assert module is not None, 'the CUDA extension did not build'
 torch.ones(1, device='cuda')"
 
-read -r -a GPU_TESTS <<<"${TEST_FILES:-tests/test_pixelwise.py tests/test_pairwise.py tests/test_attention.py tests/test_backends.py tests/test_extension.py}"
+read -r -a GPU_TESTS <<<"${TEST_FILES:-tests/test_pixelwise.py tests/test_pairwise.py tests/test_attention.py tests/test_backends.py tests/test_extension.py tests/test_graphs.py tests/test_train.py}"
 stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --tb=short -rfE \
     -k "cuda or triton" "${GPU_TESTS[@]}"
 

@@ -133,6 +133,7 @@ def _capture(step, device: torch.device, warmup: int):
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # torch.cuda.graph empties it on entry too: measure the pool from there
     reserved = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast():

@@ -86,6 +86,8 @@ class TrainConfig:
     lr_d: float = _opt(4e-4, "the discriminator's learning rate")
     momentum_d: float = _opt(0.9, "the discriminator's SGD momentum")
     amp: str = _opt("none", "mixed precision on GPUs (fp16 uses a GradScaler)", ("none", "bf16", "fp16"))
+    cuda_graph: bool = _opt(False, "replay the discriminator's step and the student's adversarial term from CUDA "
+                                   "graphs captured at the first step (GPU only; the D input's shape must not change)")
     sync_bn: bool = _opt(True, "SyncBatchNorm when distributed on GPUs")
     seed: int = _opt(0, "seed of the weights, the data order and the augmentations")
     threads: int = _opt(0, "CPU threads of torch (0: torch's default); results are reproducible for a "
@@ -138,6 +140,11 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)}: expected >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every: expected >= 1, got {self.log_every}")
+        if self.cuda_graph and self.device == "cpu":
+            raise ConfigError("--cuda-graph: CUDA graphs need a GPU; this run has --device cpu")
+        if self.cuda_graph and "holistic" not in self.distill_terms():
+            raise ConfigError("--cuda-graph: captures the holistic term's steps, which this run does not have "
+                              "(--holistic with a non-zero --adv-weight)")
         if self.dataset in ON_DISK_DATASETS and not self.data_root:
             raise ConfigError(f"--data-root: dataset {self.dataset!r} is read from disk; give the folder that "
                               f"holds it (or --dataset brain / procedural, which need no files)")

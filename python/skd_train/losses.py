@@ -82,6 +82,8 @@ class DistillLosses(nn.Module):
     student_terms(preds_S, preds_T) -> {name: weighted loss} (pixel, pair, adv_g);
     d_step(preds_S, preds_T) -> the D loss d_weight * (adv + GP (wgan-gp only)) on detached maps, its
     backward already run into D's gradients (skd_kernels.HolisticDistillLoss.d_step, one graph at a time).
+    With cfg.cuda_graph the D step and the adversarial G term are captured in CUDA graphs at their first
+    call (skd_kernels.graphs) and replayed after: D's .grad must then be zeroed in place, not set to None.
     """
 
     def __init__(self, cfg: TrainConfig, num_classes: int):
@@ -97,6 +99,7 @@ class DistillLosses(nn.Module):
             size = cfg.d_input_size or OFFICIAL_D_INPUT
             self.D = skd_kernels.Discriminator(1, num_classes, cfg.batch_size, size, cfg.d_conv_dim)
             self.holistic = skd_kernels.HolisticDistillLoss(self.D, cfg.adv_type, cfg.lambda_gp, weight=cfg.d_weight)
+        self._graphed_d_step = self._graphed_g_loss = None
 
     @property
     def needs_teacher(self) -> bool:
@@ -124,10 +127,23 @@ class DistillLosses(nn.Module):
             out["pair"] = self.terms["pair"] * self.pair(s_list, t_list)
         if "holistic" in self.terms:
             # D's parameters get gradients here too; the D step zeroes them first (as the official code).
-            d_out_s = self.D(self._d_input(preds_S[0]))[0]  # D returns [scores, attention maps...]
-            out["adv_g"] = self.terms["holistic"] * skd_kernels.adversarial_g_loss(d_out_s)
+            out["adv_g"] = self.terms["holistic"] * self._g_loss(self._d_input(preds_S[0]))
         return out
 
+    def _g_loss(self, d_input: torch.Tensor) -> torch.Tensor:
+        """-mean D(d_input), differentiable w.r.t. d_input."""
+        if not self.cfg.cuda_graph:
+            return skd_kernels.adversarial_g_loss(self.D(d_input)[0])  # D returns [scores, attention maps...]
+        if self._graphed_g_loss is None:  # captured under the caller's autocast, as the eager term runs
+            from skd_kernels.graphs import capture_g_loss
+            self._graphed_g_loss = capture_g_loss(self.D, d_input.detach())
+        return self._graphed_g_loss(d_input)
+
     def d_step(self, preds_S, preds_T) -> torch.Tensor:
-        total, _, _ = self.holistic.d_step(self._d_input(preds_S[0].detach()), self._d_input(preds_T[0].detach()))
-        return total
+        student, teacher = self._d_input(preds_S[0].detach()), self._d_input(preds_T[0].detach())
+        if not self.cfg.cuda_graph:
+            return self.holistic.d_step(student, teacher)[0]
+        if self._graphed_d_step is None:
+            from skd_kernels.graphs import capture_d_step
+            self._graphed_d_step = capture_d_step(self.holistic, student, teacher)
+        return self._graphed_d_step(student, teacher)[0].clone()

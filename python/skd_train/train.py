@@ -112,6 +112,8 @@ class Trainer:
         make_reproducible(cfg)
         self.cfg, self.env = cfg, env or D.setup(cfg.device)
         self.device = self.env.device
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise ConfigError(f"--cuda-graph: CUDA graphs need a GPU; this run's device is {self.device}")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.train_ds, self.val_ds = build_data(cfg)
         k = self.num_classes = self.train_ds.num_classes
@@ -244,7 +246,8 @@ class Trainer:
         values["loss"] = float(loss.detach())
         if d_net is not None:
             d_net.requires_grad_(True)
-            self.opt_d.zero_grad(set_to_none=True)
+            # A captured D step adds into the .grad tensors it captured: zero them in place.
+            self.opt_d.zero_grad(set_to_none=not cfg.cuda_graph)
             # The D step in float32: the gradient penalty differentiates twice, fragile in half precision.
             with torch.autocast(self.device.type, enabled=False):
                 d_loss = self.distill.d_step(preds_S, preds_T)
