@@ -84,6 +84,86 @@ def test_warm_up_steps_are_undone_in_place():
         assert p.grad is grads[name] and not p.grad.any(), name
 
 
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay re-runs the step and writes its results into the
+    tensors the capture returned, as a replay rewrites the graph's buffers."""
+
+    def __init__(self, step, outputs):
+        self.step, self.outputs = step, outputs
+
+    def replay(self):
+        with torch.enable_grad():  # a replay runs no Python; re-running it inside autograd.Function needs this
+            values = self.step()
+        for buffer, value in zip(self.outputs, values):
+            if buffer is not None:
+                buffer.copy_(value)
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """Capture on the CPU with _EagerGraph: everything of skd_kernels.graphs but the CUDA calls (the
+    warm-up and undoing it, static inputs, gradients added in place, the G term's autograd node)."""
+    from skd_kernels import graphs
+
+    def capture(step, device, warmup):
+        for _ in range(warmup):
+            step()
+        outputs = step()  # a real capture runs nothing; the state it changes is undone all the same
+        return _EagerGraph(step, outputs), outputs, 0
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    monkeypatch.setattr(graphs, "_check_cuda", lambda module, **tensors: torch.device("cpu"))
+
+
+def test_captured_d_step_adds_the_eager_d_step_gradients_replay_after_replay(eager_graphs):
+    d, loss = discriminator_and_loss()
+    twin = copy.deepcopy(d)
+    twin_loss = sk.HolisticDistillLoss(twin, "wgan-gp", lambda_gp=10.0, weight=0.1)
+    graphed = capture_d_step(loss, *score_maps())
+    for key, value in twin.state_dict().items():
+        assert torch.equal(d.state_dict()[key], value), key  # capture left D as it was
+    grads = [p.grad for p in d.parameters() if p.requires_grad]
+    assert all(g is not None and not g.any() for g in grads)  # allocated, zero
+    opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9) for m in (d, twin))
+    for replay in range(2):
+        student, teacher = score_maps(seed=10 + replay)
+        d.zero_grad(set_to_none=False)
+        total, _, penalty = graphed(student, teacher)
+        twin.zero_grad(set_to_none=True)
+        expected_total, _, expected_penalty = twin_loss.d_step(student, teacher, alpha=graphed.alpha.clone())
+        assert torch.equal(total, expected_total) and torch.equal(penalty, expected_penalty)
+        for (name, p), twin_p in zip(d.named_parameters(), twin.parameters()):
+            if twin_p.grad is not None:
+                assert torch.equal(p.grad, twin_p.grad), (replay, name)
+        assert [p.grad for p in d.parameters() if p.requires_grad] == grads  # the same tensors
+        opt.step()
+        twin_opt.step()
+    d.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"zero_grad\(set_to_none=True\)\?"):
+        graphed(student, teacher)
+
+
+def test_captured_g_loss_backward_gives_the_eager_input_gradient(eager_graphs):
+    d, _ = discriminator_and_loss()
+    twin = copy.deepcopy(d)
+    d.requires_grad_(False)
+    twin.requires_grad_(False)
+    student, _ = score_maps()
+    graphed = capture_g_loss(d, student)
+    for replay in range(2):
+        student, _ = score_maps(seed=20 + replay)
+        s, s_twin = student.clone().requires_grad_(), student.clone().requires_grad_()
+        got = 0.1 * graphed(s)
+        expected = 0.1 * sk.adversarial_g_loss(twin(s_twin)[0])
+        (3 * got).backward()
+        (3 * expected).backward()
+        assert torch.equal(got, expected) and got.grad_fn is not None
+        # The graph's gradient is taken for a weight of 1 and scaled after: rounding apart, the same.
+        torch.testing.assert_close(s.grad, s_twin.grad, rtol=1e-5, atol=1e-6 * s_twin.grad.abs().max().item())
+        assert s.grad.abs().sum() > 0
+    assert all(p.grad is None for p in d.parameters())  # the student's term does not train D
+
+
 # --- on a GPU: captured against eager ---------------------------------------------------------------
 
 def _grads(d):
