@@ -126,7 +126,7 @@ class DistillLosses(nn.Module):
             s_list[ind], t_list[ind] = _size_of(preds_S[ind].float(), t_feat), t_feat
             out["pair"] = self.terms["pair"] * self.pair(s_list, t_list)
         if "holistic" in self.terms:
-            # D's parameters get gradients here too; the D step zeroes them first (as the official code).
+            # The student's term: Trainer.train_step freezes D's parameters for it (the D step trains D).
             out["adv_g"] = self.terms["holistic"] * self._g_loss(self._d_input(preds_S[0]))
         return out
 
