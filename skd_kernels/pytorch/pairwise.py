@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backends import triton_available
+from ..ops.pairwise.tiled import tiled
 from ..ops.pairwise.types import NORMALIZATION_CODE, POOLING_CODE, Centred, CentredPair, NodeGrad
+
+# No fused few-node pass: the op runs the node passes and the core (the Triton backend has one).
+few_nodes = None
 
 
 def nodes_forward(features, window_h, window_w, pooling, normalization, u, inv_norm, argmax) -> None:
@@ -90,3 +95,17 @@ def _half_sum(a, b, out):
 def _dot_mean(u, mean):
     """q = (u - mean) . mean per node, (B, M), without forming u - mean."""
     return torch.bmm(mean[:, None, :], u)[:, 0] - mean.square().sum(1, keepdim=True)
+
+
+def keep_or_tiled(us, ut, want_s, want_t, loss, grad_s, grad_t, within):
+    """(loss, grad_s, grad_t): the low-rank result where `within` (0-d bool tensor), else the tiled
+    algorithm's. On CPU tensors the host reads `within` (free there). On a GPU stock PyTorch could
+    only choose by reading it, a host sync on every call, so CUDA tensors take the Triton pass, which
+    decides on the device, wherever Triton is installed."""
+    if us.device.type == "cuda" and triton_available():
+        from ..triton.pairwise_tiled import keep_or_tiled as on_device
+
+        return on_device(us, ut, want_s, want_t, loss, grad_s, grad_t, within)
+    if bool(within):
+        return loss, grad_s, grad_t
+    return tiled(us, ut, want_s, want_t)
