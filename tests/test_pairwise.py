@@ -493,6 +493,17 @@ def test_triton_few_node_pass_matches_fp64_reference(case, dtype):
     assert_close(*fused_and_reference(student, teacher, "triton", options), dtype)
 
 
+@pytest.mark.parametrize("target_programs", [1, 10**6], ids=["every_block_in_one_program", "one_block_each"])
+def test_triton_few_node_pass_splits_channel_blocks_either_way(target_programs, monkeypatch):
+    """The second launch's programs take every few-th channel block of both sides: all of them, or one."""
+    from skd_kernels.triton import pairwise_few
+
+    monkeypatch.setattr(pairwise_few, "_TARGET_PROGRAMS", target_programs)
+    student, teacher = few_node_features((2, 70, 40, 9, 8), ties=False)
+    options = dict(node_size=3, normalization="paper")
+    assert_close(*fused_and_reference(student, teacher, "triton", options), torch.float64)
+
+
 @pytest.mark.parametrize("normalization", ["official", "paper"])
 def test_triton_few_node_pass_with_all_zero_windows_matches_reference(normalization):
     """Zero nodes: u = 0 and the gradient d u / (0 + 1e-8) (official) or d u / 1e-12 (paper); max

@@ -5,13 +5,14 @@ about eleven). The math: docs/ops/pairwise.md.
 1. `_few_pool_kernel`: one program pools one node's window for BLOCK_C channels of the student or
    the teacher into float64 (B, C, M), with the maxima's positions where a gradient is wanted.
    Programs are windows x channel blocks x images, enough to stream the maps at full bandwidth.
-2. `_few_loss_grad_kernel`: one program per (node i, channel block of one side, image) recomputes
+2. `_few_loss_grad_kernel`: one program per (node i, group of channel blocks, image; groups enough
+   for about 512 programs) recomputes
    from the pooled nodes (L2 hits: M (Cs + Ct) values) every node's norm and row i of each side's
    similarities, a_ij = (p_i . p_j) / (|p_i| |p_j|) with the normaliser, so D_i = a^s_i - a^t_i,
    never storing a node-sized normalised copy. Its channels' node gradient is
    +-4 sum_j u_j D_ij / (M^2 B); the paper normalisation's radial part u_i . g = +-4 sum_j a_ij D_ij
    needs no other channel. It is taken through the normalisation and scattered over the window (the
-   maximum's position, zeros elsewhere; or evenly). Channel block 0 also stores sum_j D_ij^2; the
+   maximum's position, zeros elsewhere; or evenly). Group 0 also stores sum_j D_ij^2; the
    last of those programs to finish (an atomic ticket; the others' stores are released before
    their ticket) sums them in a fixed order, so the loss is deterministic, and resets the ticket.
 
@@ -29,7 +30,11 @@ from .pairwise import pool_window, scatter_window, _window
 
 MAX_NODES = 64
 _POOL_BLOCK_C = 16
+_GRAD_BLOCK_C = 32
 _BLOCK_W = 32
+# The second launch aims at this many programs: each recomputes its node's similarity rows from
+# M (Cs + Ct) pooled values (L2 reads), so programs beyond a few waves only add reads.
+_TARGET_PROGRAMS = 512
 _REDUCE_BLOCK = 1024
 
 
@@ -128,15 +133,15 @@ def _few_loss_grad_kernel(
     ps_ptr, pt_ptr, as_ptr, at_ptr, gs_ptr, gt_ptr, partial_ptr, ticket_ptr, loss_ptr,
     CS, CT, H, W, NW, M, KH, KW, B,
     gs_sb, gs_sc, gs_sh, gs_sw, gt_sb, gt_sc, gt_sh, gt_sw, BLOCKS_S, BLOCKS_T,
-    POOLING: tl.constexpr, PAPER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_W: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    POOLING: tl.constexpr, PAPER: tl.constexpr, DOT_BLOCK_C: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
-    k = tl.program_id(1)
+    group = tl.program_id(1)
     b = tl.program_id(2)
     nodes = tl.arange(0, BLOCK_M)
-    dots_s, sumsq_s = _dots_and_norms(ps_ptr, b, i, CS, M, BLOCK_C, BLOCK_M)
-    dots_t, sumsq_t = _dots_and_norms(pt_ptr, b, i, CT, M, BLOCK_C, BLOCK_M)
+    dots_s, sumsq_s = _dots_and_norms(ps_ptr, b, i, CS, M, DOT_BLOCK_C, BLOCK_M)
+    dots_t, sumsq_t = _dots_and_norms(pt_ptr, b, i, CT, M, DOT_BLOCK_C, BLOCK_M)
     inv_s = _inverse_norm(sumsq_s, PAPER)
     inv_t = _inverse_norm(sumsq_t, PAPER)
     a_s = dots_s * inv_s * _at(inv_s, nodes, i)
@@ -144,7 +149,7 @@ def _few_loss_grad_kernel(
     d = tl.where(nodes < M, a_s - a_t, 0.0)
     # 1 / (M^2 B) in float64: a float scalar argument would be rounded to float32.
     scale = 1.0 / ((tl.zeros([], dtype=tl.float64) + M) * M * B)
-    if k == 0:
+    if group == 0:
         tl.store(partial_ptr + b * M + i, tl.sum(d * d, axis=0))
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == M * B - 1:  # the last row: every other row's partial sum is stored
@@ -155,14 +160,16 @@ def _few_loss_grad_kernel(
             tl.store(loss_ptr, (tl.sum(total, axis=0) * scale).to(loss_ptr.dtype.element_ty))
             tl.atomic_xchg(ticket_ptr, 0)  # ready for the next call
     # Channel blocks 0 .. BLOCKS_S - 1 are the student's, then BLOCKS_T of the teacher's (0 for a side
-    # without a gradient); block 0 alone when neither has one.
-    if k < BLOCKS_S:
-        _feature_grad(ps_ptr, as_ptr, gs_ptr, gs_sb, gs_sc, gs_sh, gs_sw, b, i, k * BLOCK_C + tl.arange(0, BLOCK_C),
-                      CS, H, W, NW, M, KH, KW, inv_s, a_s, d, 4.0 * scale, POOLING, PAPER, BLOCK_C, BLOCK_M, BLOCK_W)
-    elif k < BLOCKS_S + BLOCKS_T:
-        _feature_grad(pt_ptr, at_ptr, gt_ptr, gt_sb, gt_sc, gt_sh, gt_sw, b, i,
-                      (k - BLOCKS_S) * BLOCK_C + tl.arange(0, BLOCK_C), CT, H, W, NW, M, KH, KW, inv_t, a_t, d,
-                      -4.0 * scale, POOLING, PAPER, BLOCK_C, BLOCK_M, BLOCK_W)
+    # without a gradient); this program's are every num_programs(1)-th from its group.
+    for k in range(group, BLOCKS_S + BLOCKS_T, tl.num_programs(1)):
+        if k < BLOCKS_S:
+            _feature_grad(ps_ptr, as_ptr, gs_ptr, gs_sb, gs_sc, gs_sh, gs_sw, b, i,
+                          k * BLOCK_C + tl.arange(0, BLOCK_C), CS, H, W, NW, M, KH, KW, inv_s, a_s, d, 4.0 * scale,
+                          POOLING, PAPER, BLOCK_C, BLOCK_M, BLOCK_W)
+        else:
+            _feature_grad(pt_ptr, at_ptr, gt_ptr, gt_sb, gt_sc, gt_sh, gt_sw, b, i,
+                          (k - BLOCKS_S) * BLOCK_C + tl.arange(0, BLOCK_C), CT, H, W, NW, M, KH, KW, inv_t, a_t, d,
+                          -4.0 * scale, POOLING, PAPER, BLOCK_C, BLOCK_M, BLOCK_W)
 
 
 _tickets: dict[torch.device, torch.Tensor] = {}
@@ -197,9 +204,10 @@ def few_nodes(student, teacher, window_h, window_w, pooling, norm, loss, grad_st
     at = torch.empty((b, ct, m), dtype=torch.int32, device=device) if argmax_t else pt
     pool_blocks_s = triton.cdiv(cs, _POOL_BLOCK_C)
     block_m = max(16, triton.next_power_of_2(m))
-    block_c = max(16, min(128, 2048 // block_m))  # a (channels, nodes) float64 tile of 2048
-    blocks_s = triton.cdiv(cs, block_c) if grad_student is not None else 0
-    blocks_t = triton.cdiv(ct, block_c) if grad_teacher is not None else 0
+    dot_block_c = max(16, min(128, 2048 // block_m))  # a (channels, nodes) float64 tile of 2048
+    blocks_s = triton.cdiv(cs, _GRAD_BLOCK_C) if grad_student is not None else 0
+    blocks_t = triton.cdiv(ct, _GRAD_BLOCK_C) if grad_teacher is not None else 0
+    groups = max(1, min(blocks_s + blocks_t, triton.cdiv(_TARGET_PROGRAMS, m * b)))
     partial = torch.empty(b * m, dtype=torch.float64, device=device)
     gs = grad_student if grad_student is not None else student  # never written without a gradient
     gt = grad_teacher if grad_teacher is not None else teacher
@@ -209,8 +217,9 @@ def few_nodes(student, teacher, window_h, window_w, pooling, norm, loss, grad_st
             *student.stride(), *teacher.stride(), pool_blocks_s,
             POOLING=pooling, ARGMAX_S=argmax_s, ARGMAX_T=argmax_t, BLOCK_C=_POOL_BLOCK_C, BLOCK_W=_BLOCK_W,
             num_warps=4)
-        _few_loss_grad_kernel[(m, max(1, blocks_s + blocks_t), b)](
+        _few_loss_grad_kernel[(m, groups, b)](
             ps, pt, as_, at, gs, gt, partial, _ticket(device), loss, cs, ct, h, w, nw, m, window_h, window_w, b,
             *gs.stride(), *gt.stride(), blocks_s, blocks_t,
-            POOLING=pooling, PAPER=norm == 1, BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_W=_BLOCK_W,
+            POOLING=pooling, PAPER=norm == 1, DOT_BLOCK_C=dot_block_c, BLOCK_C=_GRAD_BLOCK_C, BLOCK_M=block_m,
+            BLOCK_W=_BLOCK_W,
             REDUCE_BLOCK=_REDUCE_BLOCK, num_warps=4)
