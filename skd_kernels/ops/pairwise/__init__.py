@@ -122,12 +122,13 @@ def _fused_forward(student, teacher, window_h, window_w, pooling, normalization,
     gs = torch.empty_like(student) if want_s else None
     gt = torch.empty_like(teacher) if want_t else None
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
-    if node_passes.few_nodes is not None and m <= FEW_NODES and algorithm != "lowrank":
-        # The whole loss in one fused pass (Triton): at few nodes the loss costs its launches.
+    if m <= FEW_NODES and algorithm != "lowrank":
+        # The whole loss in one fused pass where the backend has one (Triton): at few nodes the loss
+        # costs its launches. The others decline and run the three passes below.
         loss = student.new_empty((), dtype=accumulation_dtype(student))
-        node_passes.few_nodes(student, teacher, window_h, window_w, POOLING_CODE[pooling],
-                              NORMALIZATION_CODE[normalization], loss, gs, gt)
-        return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
+        if node_passes.few_nodes(student, teacher, window_h, window_w, POOLING_CODE[pooling],
+                                 NORMALIZATION_CODE[normalization], loss, gs, gt):
+            return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
     if algorithm == "auto":
         algorithm = choose_algorithm(m, student.shape[1], teacher.shape[1], want_t)
     centring = Centring(node_passes)

@@ -13,9 +13,9 @@ from .types import Centred, CentredPair, NodeGrad
 
 class Centring:
     """How the low-rank algorithm centres nodes: the backend's `centre` and `centre_pair` passes
-    (fused on the CPU, stock ops elsewhere), and how it keeps a result or falls back (`keep_or_tiled`), and one [S; E] buffer per dtype reused by every tile
+    (fused on the CPU, stock ops elsewhere), and one [S; E] buffer per dtype reused by every tile
     of images of a call (on a CPU, first-touch page faults of a fresh one cost as much as the
-    centring itself)."""
+    centring itself); and how it keeps a result or falls back to the tiled algorithm (`keep_or_tiled`)."""
 
     def __init__(self, passes):
         self._passes = passes
