@@ -50,27 +50,35 @@ def _tiled_fallback_kernel(
         k = tl.program_id(1)
         b = tl.program_id(2)
         # Channel blocks 0 .. BLOCKS_S - 1 are the student's, then BLOCKS_T of the teacher's (0 for a
-        # side without a gradient); block 0 alone when neither has one.
+        # side without a gradient); block 0 alone, writing no gradient, when neither has one.
         if k < BLOCKS_S:
-            x_ptr, g_ptr, C, sign = us_ptr, gs_ptr, CS, 4.0
-            chan = k * BLOCK_C + tl.arange(0, BLOCK_C)
+            total = _rows_of_side(us_ptr, ut_ptr, us_ptr, gs_ptr, b, rows, k * BLOCK_C + tl.arange(0, BLOCK_C), CS,
+                                  CS, CT, M, 4.0, True, BLOCK_R, BLOCK_C)
         else:
-            x_ptr, g_ptr, C, sign = ut_ptr, gt_ptr, CT, -4.0
-            chan = (k - BLOCKS_S) * BLOCK_C + tl.arange(0, BLOCK_C)
-        grad = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float64)
-        total = tl.zeros((BLOCK_R,), dtype=tl.float64)
-        for j0 in range(0, M, BLOCK_R):
-            cols = j0 + tl.arange(0, BLOCK_R)
-            d = _difference_tile(us_ptr, ut_ptr, b, rows, cols, CS, CT, M, BLOCK_R, BLOCK_C)
-            total += tl.sum(d * d, axis=1)
-            xj = tl.load(x_ptr + (b * C + chan[:, None]) * M + cols[None, :],
-                         mask=(chan < C)[:, None] & (cols < M)[None, :], other=0.0)
-            grad += tl.dot(xj, tl.trans(d))  # D is symmetric, but D_IJ^T is the tile in hand
-        if k < BLOCKS_S + BLOCKS_T:
-            tl.store(g_ptr + (b * C + chan[:, None]) * M + rows[None, :], grad * sign,
-                     mask=(chan < C)[:, None] & (rows < M)[None, :])
+            total = _rows_of_side(us_ptr, ut_ptr, ut_ptr, gt_ptr, b, rows,
+                                  (k - BLOCKS_S) * BLOCK_C + tl.arange(0, BLOCK_C), CT, CS, CT, M, -4.0,
+                                  k < BLOCKS_S + BLOCKS_T, BLOCK_R, BLOCK_C)
         if k == 0:
-            tl.store(partial_ptr + b * tl.num_programs(0) + tl.program_id(0), tl.sum(total, axis=0))
+            tl.store(partial_ptr + b * tl.num_programs(0) + tl.program_id(0), total)
+
+
+@triton.jit
+def _rows_of_side(us_ptr, ut_ptr, x_ptr, g_ptr, b, rows, chan, C, CS, CT, M, sign, write, BLOCK_R: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """For one side X (x_ptr, C channels): its gradient columns `rows`, sign X D_I^T, at channels
+    `chan`, stored when `write`; returns sum D_I^2."""
+    grad = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float64)
+    total = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    for j0 in range(0, M, BLOCK_R):
+        cols = j0 + tl.arange(0, BLOCK_R)
+        d = _difference_tile(us_ptr, ut_ptr, b, rows, cols, CS, CT, M, BLOCK_R, BLOCK_C)
+        total += tl.sum(d * d, axis=1)
+        xj = tl.load(x_ptr + (b * C + chan[:, None]) * M + cols[None, :],
+                     mask=(chan < C)[:, None] & (cols < M)[None, :], other=0.0)
+        grad += tl.dot(xj, tl.trans(d))  # D is symmetric, but D_IJ^T is the tile in hand
+    tl.store(g_ptr + (b * C + chan[:, None]) * M + rows[None, :], grad * sign,
+             mask=write & (chan < C)[:, None] & (rows < M)[None, :])
+    return tl.sum(total, axis=0)
 
 
 def keep_or_tiled(us, ut, want_s, want_t, loss, grad_s, grad_t, within):
