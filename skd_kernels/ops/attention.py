@@ -12,7 +12,8 @@ differentiating the reference.
 
 Arithmetic is float32 for float32/float16/bfloat16 input and float64 for float64: half inputs are
 converted once to float32 (O(N*C) memory) and results rounded back to the input dtype. `lse` is
-returned in the accumulation dtype.
+float64 (B, N) for every input dtype: at energies |q.k| ~ 1e3 a float32 lse is off by ~1e-4 absolute,
+which exp(S - lse) turns into a relative error of P (docs/ops/attention.md, "Precision at large energies").
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _acc(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor
 @torch.library.custom_op("skd::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated input -> (out (B, N, Dv) in the input dtype, row log-sum-exp (B, N), accumulation dtype)."""
+    """Validated input -> (out (B, N, Dv) in the input dtype, row log-sum-exp (B, N) float64)."""
     acc = accumulation_dtype(q)
     out, lse = passes("attention", backend).forward(_acc(q, acc), _acc(k, acc), _acc(v, acc))
     return out.to(q.dtype), lse
@@ -85,7 +86,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @attention_forward.register_fake
 def _(q, k, v, backend):
-    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty(q.shape[:2], dtype=accumulation_dtype(q))
+    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty(q.shape[:2], dtype=torch.float64)
 
 
 @torch.library.custom_op("skd::attention_backward", mutates_args=())
@@ -97,7 +98,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     exact even when `out` was rounded to half precision); it is an input so that the op's
     signature says what the result depends on."""
     acc = accumulation_dtype(q)
-    grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, acc),
+    grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, torch.float64),
                                                   _acc(dout, acc))
     return tuple(g.to(q.dtype) for g in grads)
 
@@ -115,7 +116,7 @@ def attention_double_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Gradients with respect to (q, k, v, dout) of <gq, dq> + <gk, dk> + <gv, dv>, where (dq, dk, dv)
     is attention_backward's result; gq, gk (B, N, Dk), gv (B, N, Dv) or None for zero."""
     acc = accumulation_dtype(q)
-    inputs = (_acc(x, acc) for x in (q, k, v, lse, dout, gq, gk, gv))
+    inputs = (_acc(x, torch.float64 if x is lse else acc) for x in (q, k, v, lse, dout, gq, gk, gv))
     grads = passes("attention", backend).double_backward(*inputs)
     return tuple(g.to(q.dtype) for g in grads)
 
