@@ -49,20 +49,25 @@ def _centre_pair(module, us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) 
 
 
 def attention(module, device_type: str) -> types.SimpleNamespace:
+    # lse is float64 (B, N) for the op; the CPU kernels read and write it so, the CUDA kernels still in
+    # the accumulation dtype (csrc/common/attention_problem.h): converted here, O(B N).
+    def kernel_lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return lse if device_type == "cpu" else lse.to(q.dtype)
+
     def forward(q, k, v):
         out = q.new_empty((*q.shape[:2], v.shape[2]))
-        lse = q.new_empty(q.shape[:2])
+        lse = q.new_empty(q.shape[:2], dtype=torch.float64 if device_type == "cpu" else q.dtype)
         module.attention_forward(q, k, v, out, lse)
-        return out, lse
+        return out, lse.double()
 
     def backward(q, k, v, lse, dout):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        module.attention_backward(q, k, v, lse, dout, dq, dk, dv)
+        module.attention_backward(q, k, v, kernel_lse(lse, q), dout, dq, dk, dv)
         return dq, dk, dv
 
     def double_backward(q, k, v, lse, dout, gq, gk, gv):
         grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dout))
-        module.attention_double_backward(q, k, v, lse, dout, gq, gk, gv, *grads)
+        module.attention_double_backward(q, k, v, kernel_lse(lse, q), dout, gq, gk, gv, *grads)
         return grads
 
     return types.SimpleNamespace(forward=forward, backward=backward, double_backward=double_backward)

@@ -1,5 +1,6 @@
 // Binding of the fused attention passes: tensors in, AttentionProblem out, CPU or CUDA kernel.
-// The Python side passes contiguous tensors in the accumulation dtype (float32 or float64).
+// The Python side passes contiguous tensors in the accumulation dtype (float32 or float64); lse as
+// attention_problem.h says.
 #include "../common/attention_problem.h"
 #include "../cpu/attention.h"
 #include "common.h"
@@ -27,7 +28,8 @@ skd::AttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, con
   p.dtype = skd::dtype_of(q);
   p.batch = q.size(0); p.n = q.size(1); p.dk = q.size(2); p.dv = v.size(2);
   check_array(q, q, p.dk, "q"); check_array(k, q, p.dk, "k"); check_array(v, q, p.dv, "v");
-  check_array(lse, q, 1, "lse");
+  // lse: float64 for the CPU passes, the accumulation dtype for the CUDA ones (attention_problem.h).
+  skd::check_buffer(lse, "lse", q.is_cuda() ? q.scalar_type() : at::kDouble, q.size(0) * q.size(1), q.device());
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.lse = lse.data_ptr();
   return p;
 }

@@ -7,13 +7,16 @@
 
 namespace skd {
 
-// All arrays are contiguous and of one dtype, Float32 or Float64 (the accumulation type: the Python
-// side converts half inputs once). Shapes: q, k (batch, n, dk); v (batch, n, dv); row vectors (batch, n).
+// All arrays but lse are contiguous and of one dtype, Float32 or Float64 (the accumulation type: the
+// Python side converts half inputs once). Shapes: q, k (batch, n, dk); v (batch, n, dv); row vectors (batch, n).
 struct AttentionProblem {
   DType dtype;
   int64_t batch, n, dk, dv;
   const void* q; const void* k; const void* v;
-  // Forward outputs; the backward passes read lse (the row log-sum-exp of S = q k^T).
+  // Forward outputs; the backward passes read lse (the row log-sum-exp of S = q k^T). lse is float64
+  // (batch, n) in the CPU passes whatever the dtype: float32's ~|lse| eps absolute error becomes a
+  // relative error of every P = exp(S - lse) at large energies. The CUDA passes still take it in
+  // the accumulation dtype (the Python adapter converts).
   void* out; void* lse;
   // Backward: incoming gradient of out (batch, n, dv) and the gradients of q, k, v.
   const void* dout;
