@@ -161,6 +161,21 @@ def test_saturated_softmax_stays_finite_and_exact(backend):
     assert_close(out32, attention_reference(q, k, v), torch.float32, factor, "saturated fp32 out")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, *LOW_PRECISION], ids=str)
+def test_saved_lse_is_float64_for_every_dtype(backend, dtype):
+    """The row log-sum-exp the backward passes read is float64 (B, N) whatever the input dtype (a
+    float32 lse costs P ~|lse| eps of relative precision), in the op and in its fake (tracing)."""
+    device = backend_device(backend)
+    q, k, v, _ = make_qkv((2, 33, 4, 6), dtype, device, scale=3.0)
+    _, lse = torch.ops.skd.attention_forward(q, k, v, backend)
+    assert lse.dtype == torch.float64 and lse.shape == (2, 33)
+    torch.library.opcheck(torch.ops.skd.attention_forward.default, (q, k, v, backend), test_utils=("test_faketensor",))
+    if dtype == torch.float64:
+        exact = torch.logsumexp(torch.bmm(q, k.transpose(1, 2)), -1)
+        assert_close(lse, exact, torch.float64, energy_factor(q, k), "lse")
+
+
 # --- float32 at large energies ---------------------------------------------------------------------
 # An un-scaled SAGAN block's energies q.k grow as D trains (|q.k| ~ 1e2 to 1e4). The naive block loses
 # float32 precision there too (S = q.k is itself rounded to ~eps |q| |k|), so the fused path is held to
