@@ -348,6 +348,25 @@ def test_cpu_kernel_paths_match_fp64_reference(threads):
         assert_close(a, b, torch.float64, energy_factor(q, k), name)
 
 
+def test_cpu_column_passes_keep_float32_precision_at_large_energies():
+    """The column passes (fewer images than threads) recompute P from the saved lse and use the row
+    pass's statistics: at |q.k| ~ 1e4 they too stay within twice the naive block's float32 error."""
+    backend_device("cpu")
+    q, k, v, dout, cotangents = energy_case(1e4)
+    ref = both_orders(attention_reference, q, k, v, dout, cotangents)
+    low = [x.float() for x in (q, k, v, dout)], [c.float() for c in cotangents]
+    naive = both_orders(attention_reference, *low[0], low[1])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        got = both_orders(fused("cpu"), *low[0], low[1])
+    finally:
+        torch.set_num_threads(saved)
+    for name in RESULTS:
+        fused_error, naive_error = relative_error(got[name], ref[name]), relative_error(naive[name], ref[name])
+        assert fused_error <= NAIVE_FACTOR * naive_error + FLOAT32_FLOOR, (name, fused_error, naive_error)
+
+
 @pytest.mark.parametrize("n", [64, ONE_TILE["attention"] + 1])
 def test_automatic_choice_uses_one_platform_tile_only_up_to_one_tile(n, monkeypatch):
     """Small maps (the official discriminator's N = 64 and 16) run as one tile on the platform GEMM;
