@@ -148,24 +148,32 @@ void probabilities(T* s, int64_t rows, int64_t n, const T* hi, const T* lo, bool
   }
 }
 
-// Row statistics are sums of n products accumulated in double: a float32 simd sum of n = 1024 terms
-// keeps ~n/8 roundings, and D_i's error enters dq_i multiplied by |k| (large at large energies).
-// sum_j P_ij x_ij / sum_j P_ij: dividing by the computed sum of P makes sum_j P_ij (x_ij - mean_i)
+// Row statistics are P-weighted means sum_j P_ij x_ij / sum_j P_ij, accumulated in double: a float32
+// simd sum of n = 1024 terms keeps ~n/8 roundings, and D_i's error enters dq_i multiplied by |k|
+// (large at large energies). Dividing by the computed sum of P makes sum_j P_ij (x_ij - mean_i)
 // vanish up to rounding, so each row of dS sums to 0 (the key-bias gradient) where P is rounded.
+// The means of x and, unless nullptr, of y, in one loop.
 template <typename T>
-double weighted_mean(const T* prob, const T* x, int64_t n, double total) {
-  double sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += double(prob[j]) * double(x[j]);
-  return sum / total;
-}
-
-template <typename T>
-double row_sum(const T* x, int64_t n) {
-  double sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += double(x[j]);
-  return sum;
+void weighted_means(const T* prob, int64_t n, const T* x, T& mean_x, const T* y = nullptr, T* mean_y = nullptr) {
+  double total = 0, sx = 0, sy = 0;
+  if (y) {
+#pragma omp simd reduction(+ : total, sx, sy)
+    for (int64_t j = 0; j < n; ++j) {
+      const double pj = prob[j];
+      total += pj;
+      sx += pj * x[j];
+      sy += pj * y[j];
+    }
+    *mean_y = T(sy / total);
+  } else {
+#pragma omp simd reduction(+ : total, sx)
+    for (int64_t j = 0; j < n; ++j) {
+      const double pj = prob[j];
+      total += pj;
+      sx += pj * x[j];
+    }
+  }
+  mean_x = T(sx / total);
 }
 
 template <typename T>
@@ -201,7 +209,8 @@ void softmax_gradient(const T* prob, T* dp, int64_t rows, int64_t n, T* d_out) {
   for (int64_t a = 0; a < rows; ++a) {
     const T* pa = prob + a * n;
     T* ga = dp + a * n;
-    const T d = T(weighted_mean(pa, ga, n, row_sum(pa, n)));
+    T d;
+    weighted_means(pa, n, ga, d);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) ga[j] = pa[j] * (ga[j] - d);
     d_out[a] = d;
@@ -322,19 +331,23 @@ void double_backward(const AttentionProblem& p) {
                     r, n, lse.hi_at(p, b, i0), lse.lo_at(p, b, i0), false, prob, dp, a, h);
       for (int64_t x = 0; x < r; ++x) {
         T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
-        const double total = row_sum(pa, n);
-        const T d = T(weighted_mean(pa, dpa, n, total)), abar = T(weighted_mean(pa, aa, n, total));
-        double cov = 0;
-#pragma omp simd reduction(+ : cov)
-        for (int64_t j = 0; j < n; ++j) cov += double(pa[j]) * double((dpa[j] - d) * (aa[j] - abar));
-        const T hc = T(cov / total + weighted_mean(pa, ha, n, total));
-#pragma omp simd
+        T d, abar;
+        weighted_means(pa, n, dpa, d, aa, &abar);
+        // H~_i = sum_j P_ij ((dP_ij - D_i)(A_ij - Abar_i) + B_ij) / sum_j P_ij from the centred products:
+        // no cancellation (see above). dS and G are final here; ha keeps the bracket until H~_i is known.
+        double total = 0, sum = 0;
+#pragma omp simd reduction(+ : total, sum)
         for (int64_t j = 0; j < n; ++j) {
-          const T dpc = dpa[j] - d, ac = aa[j] - abar;
-          ha[j] = pa[j] * (dpc * ac + ha[j] - hc);  // dS2
-          aa[j] = pa[j] * ac;                       // G
-          dpa[j] = pa[j] * dpc;                     // dS
+          const T dpc = dpa[j] - d, ac = aa[j] - abar, hj = dpc * ac + ha[j];
+          total += double(pa[j]);
+          sum += double(pa[j]) * double(hj);
+          ha[j] = hj;
+          aa[j] = pa[j] * ac;    // G
+          dpa[j] = pa[j] * dpc;  // dS
         }
+        const T hc = T(sum / total);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) ha[j] = pa[j] * (ha[j] - hc);  // dS2
         row_d[b * n + i0 + x] = d;
         row_abar[b * n + i0 + x] = abar;
         row_hc[b * n + i0 + x] = hc;
