@@ -298,9 +298,9 @@ void fill_strip(const StripProducts<T>& s, int64_t r, int64_t n, const T* hi, co
 
 // Double backward, two passes as in backward(). Per pair (i, j), with the notation of
 // docs/ops/attention.md: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
-// dS2 = P (H - Hbar_i) = P ((dP - D_i)(A - Abar_i) + B - Hc_i), Hc_i = Cov_P(dP, A)_i + Bbar_i: the
-// centred form, free of the cancellation of C_i - 2 D_i Abar_i (D_i Abar_i ~ |dP| |k| |gq| grows with
-// the energies). The row pass stores D, Abar, Hc.
+// dS2 = P (H - Hbar_i) = P ((dP - D_i)(A - Abar_i) + B - Hc_i), Hc_i = Cov_P(dP, A)_i + Bbar_i (the
+// docs' H~_i): the centred form, free of the cancellation of C_i - 2 D_i Abar_i (D_i Abar_i ~
+// |dP| |k| |gq| grows with the energies). The row pass stores D, Abar, Hc.
 template <typename T>
 void double_backward(const AttentionProblem& p) {
   const View<T> at{p};
@@ -333,8 +333,8 @@ void double_backward(const AttentionProblem& p) {
         T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
         T d, abar;
         weighted_means(pa, n, dpa, d, aa, &abar);
-        // H~_i = sum_j P_ij ((dP_ij - D_i)(A_ij - Abar_i) + B_ij) / sum_j P_ij from the centred products:
-        // no cancellation (see above). dS and G are final here; ha keeps the bracket until H~_i is known.
+        // Hc_i = sum_j P_ij ((dP_ij - D_i)(A_ij - Abar_i) + B_ij) / sum_j P_ij from the centred products:
+        // no cancellation (see above). dS and G are final here; ha keeps the bracket until Hc_i is known.
         double total = 0, sum = 0;
 #pragma omp simd reduction(+ : total, sum)
         for (int64_t j = 0; j < n; ++j) {
