@@ -12,8 +12,8 @@ differentiating the reference.
 
 Arithmetic is float32 for float32/float16/bfloat16 input and float64 for float64: half inputs are
 converted once to float32 (O(N*C) memory) and results rounded back to the input dtype. `lse` is
-float64 for every input dtype: the passes recompute P = exp(S - lse), and a float32 lse would be off
-by |lse| * 2^-24 (6e-4 at the energies an un-scaled SAGAN block reaches).
+float64 (B, N) for every input dtype: at energies |q.k| ~ 1e3 a float32 lse is off by ~1e-4 absolute,
+which exp(S - lse) turns into a relative error of P (docs/ops/attention.md, "Precision at large energies").
 
 Eager calls run the same passes under torch.autograd.Function classes (the end of this file), not
 through the dispatcher; torch.compile traces the ops.
@@ -109,7 +109,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
 def _backward_passes(q, k, v, out, lse, dout, backend):
     acc = accumulation_dtype(q)
     grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(out, acc),
-                                                  lse.contiguous(), _acc(dout, acc))
+                                                  _acc(lse, torch.float64), _acc(dout, acc))
     return tuple(g.to(q.dtype) for g in grads)
 
 
@@ -130,7 +130,7 @@ def attention_double_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _double_backward_passes(q, k, v, lse, dout, gq, gk, gv, backend):
     acc = accumulation_dtype(q)
-    inputs = (lse.contiguous() if x is lse else _acc(x, acc) for x in (q, k, v, lse, dout, gq, gk, gv))
+    inputs = (_acc(x, torch.float64 if x is lse else acc) for x in (q, k, v, lse, dout, gq, gk, gv))
     grads = passes("attention", backend).double_backward(*inputs)
     return tuple(g.to(q.dtype) for g in grads)
 
