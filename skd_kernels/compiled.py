@@ -56,7 +56,7 @@ def attention(module, device_type: str) -> types.SimpleNamespace:
         module.attention_forward(q, k, v, out, lse)
         return out, lse
 
-    def backward(q, k, v, out, lse, dout):
+    def backward(q, k, v, lse, dout):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         module.attention_backward(q, k, v, lse, dout, dq, dk, dv)
         return dq, dk, dv

@@ -60,7 +60,7 @@ def _mean(p, x, total):
     return (p * x).sum(-1, keepdim=True) / total
 
 
-def backward(q, k, v, out, lse, dout):
+def backward(q, k, v, lse, dout):
     """First derivatives (dq, dk, dv) for the incoming gradient dout (B, N, Dv); accumulation dtype,
     lse float64."""
     b, n, _ = q.shape

@@ -12,8 +12,8 @@ saved float64 log-sum-exp, so nothing N x N exists. Three launch shapes:
   one image fill the GPU; wide v (Dv = 512) never has to sit in registers whole. Sums over Dv (dP, B)
   walk Dv in chunks of DV_CHUNK instead.
 
-The forward is one launch, the backward three (D_i = dO_i . out_i, then a query-outer and a key-outer
-launch), the double backward three (row statistics; grad q with the grad dO slices; grad k with the
+The forward is one launch, the backward three (the row statistic D_i, then a query-outer and a
+key-outer launch), the double backward three (row statistics; grad q with the grad dO slices; grad k with the
 grad v slices).
 
 Precision. float64 runs float64 throughout. For float32, S = q . k, which the softmax exponentiates
@@ -143,14 +143,29 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, N, DK: tl.constexpr, 
 # --- backward -------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_dot_kernel(x_ptr, y_ptr, d_ptr, N, DV: tl.constexpr, BLOCK_M: tl.constexpr, DV_CHUNK: tl.constexpr):
-    """D_i = x_i . y_i for (B, N, Dv) tensors (D = dO . out); grid (row blocks, B)."""
+def _backward_rows_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d_ptr, N, DK: tl.constexpr, DV: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                          DV_CHUNK: tl.constexpr, SPLIT_LSE: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (query blocks, B): D_i = sum_j P_ij dP_ij / sum_j P_ij, from the same P and dP tiles the
+    dq and dk kernels recompute. FlashAttention's dO_i . out_i is cheaper but rounds differently from
+    the dP_ij it is subtracted from: at a saturated row dP - D is pure rounding noise of size
+    eps |dO| |v|, ten times the naive block's error at |S| ~ 1e4. Dividing by the computed sum_j P_ij
+    makes each row of dS sum to 0 up to rounding (the key-bias gradient)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     b = tl.program_id(1)
-    d = tl.zeros([BLOCK_M], d_ptr.dtype.element_ty)
-    for c in tl.static_range(0, DV, DV_CHUNK):
-        d += tl.sum(_load(x_ptr, b, rows, N, c, DV, DV_CHUNK) * _load(y_ptr, b, rows, N, c, DV, DV_CHUNK), 1)
-    tl.store(d_ptr + b.to(tl.int64) * N + rows, d, mask=rows < N)
+    q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
+    lse = _load_row(lse_ptr, b, rows, N)
+    weight = tl.zeros([BLOCK_M], q.dtype)
+    pdp = tl.zeros([BLOCK_M], q.dtype)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
+        p = _probabilities(_mm_ieee(q, tl.trans(k)), lse[:, None], (keys < N)[None, :], SPLIT_LSE)
+        dp = _sum_over_dv(dout_ptr, v_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION,
+                          tl.zeros([BLOCK_M, BLOCK_N], q.dtype))
+        weight += tl.sum(p, 1)
+        pdp += tl.sum(p * dp, 1)
+    tl.store(d_ptr + b.to(tl.int64) * N + rows, pdp / tl.where(weight > 0, weight, 1.0), mask=rows < N)
 
 
 @triton.jit
@@ -456,19 +471,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout):
+def backward(q, k, v, lse, dout):
     """First derivatives (dq, dk, dv) for the incoming gradient dout (B, N, Dv)."""
     b, n, d_k, d_v = _sizes(q, v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     row_d = q.new_empty((b, n))
     rows, keys = _config(q, d_k, d_v), _config(q, d_k, d_v, keys_outer=True)
     split = q.dtype != torch.float64
-    key_blocks = triton.cdiv(n, keys["BLOCK_N"])
+    row_blocks, key_blocks = triton.cdiv(n, rows["BLOCK_M"]), triton.cdiv(n, keys["BLOCK_N"])
     width = _slice_dv(q, key_blocks * b, d_v)
     with on_device(q):
-        _row_dot_kernel[(triton.cdiv(n, rows["BLOCK_M"]), b)](dout, out, row_d, n, DV=d_v, BLOCK_M=rows["BLOCK_M"],
-                                                              DV_CHUNK=rows["DV_CHUNK"])
-        _backward_queries_kernel[(triton.cdiv(n, rows["BLOCK_M"]), b)](
+        _backward_rows_kernel[(row_blocks, b)](q, k, v, lse, dout, row_d, n, DK=d_k, DV=d_v, SPLIT_LSE=split, **rows)
+        _backward_queries_kernel[(row_blocks, b)](
             q, k, v, lse, dout, row_d, dq, n, DK=d_k, DV=d_v, SPLIT_LSE=split, **rows)
         _backward_keys_kernel[(key_blocks, 1 + triton.cdiv(d_v, width), b)](
             q, k, v, lse, dout, row_d, dk, dv, n, DK=d_k, DV=d_v, SLICE_DV=width, SPLIT_LSE=split, **keys)
