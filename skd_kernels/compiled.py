@@ -68,9 +68,10 @@ def _centre_pair(module, us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) 
 
 
 def attention(module, device_type: str) -> types.SimpleNamespace:
+    # CPU kernels only: on a GPU the cuda backend borrows the torch passes (backends.py).
     def forward(q, k, v):
         out = q.new_empty((*q.shape[:2], v.shape[2]))
-        lse = q.new_empty(q.shape[:2])
+        lse = q.new_empty(q.shape[:2], dtype=torch.float64)
         module.attention_forward(q, k, v, out, lse)
         return out, lse
 
