@@ -9,4 +9,7 @@ memory in a process started with the settings that make it measurable, `report.p
 plots and `results/README.md`. Each `bench_<op>.py` only declares the op's cases and baselines;
 `test_benchmarks.py` hands the same declarations to pytest-benchmark, `profile_pairwise.py` to the
 torch profiler. `scripts/gpu_check.sh` runs `python -m bench --quick --device cuda` on a lent GPU.
+Each case declares the bytes and/or flops a step must move or do; every row reports them as GB/s and
+TFLOP/s and as a share of the copy and matmul rates measured in the same run (`harness.device_limits`).
+`scripts/aot_check.py` compiles every kernel for sm_90a without a GPU (its table: results/aot/).
 """

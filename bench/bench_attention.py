@@ -21,7 +21,18 @@ NO_DOUBLE_BACKWARD = "not run: no double backward"
 
 def _cases(b, n, dk, dv, modes):
     return [Case(f"{b}x{n}x{dk}x{dv} {p}", size=n, params=dict(shape=(b, n, dk, dv), attention_pass=p),
-                 series=p, modes=modes) for p in PASSES]
+                 series=p, modes=modes, flops=_flops(p, b, n, dk, dv)) for p in PASSES]
+
+
+def _flops(attention_pass, b, n, dk, dv):
+    """Compute-bound: the products over the N² pairs of positions, 2·B·N² flops per pair and vector
+    width, S = q·kᵀ and dP = dO·vᵀ recomputed by each pass that needs them (the map is never stored):
+    forward S, P·v: Dk + Dv; backward S, dP, dv = Pᵀ·dO, dq = dS·k, dk = dSᵀ·q: 3·Dk + 2·Dv; double
+    backward (docs/ops/attention.md) S, gq·kᵀ, q·gkᵀ, dS·gk + dS2·k, dSᵀ·gq + dS2ᵀ·q: 7·Dk, and dP,
+    dO·gvᵀ, Gᵀ·dO, G·v + P·gv: 5·Dv. fwd_bwd: 4·Dk + 3·Dv; double_bwd (forward, backward, double
+    backward): 11·Dk + 8·Dv. The softmax's exponentials are not counted."""
+    per_pair = 4 * dk + 3 * dv if attention_pass == "fwd_bwd" else 11 * dk + 8 * dv
+    return 2 * b * n * n * per_pair
 
 
 # (B, N, Dk, Dv): the official D's two blocks on 65x65 logits (N = 64 and 16), then large maps

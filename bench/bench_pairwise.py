@@ -21,7 +21,17 @@ def _case(name, b, cs, ct, h, w, options, modes, features="independent", series=
     k = int(h * options["scale"]) if "scale" in options else options.get("node_size", 1)
     nodes = -(-h // k) * -(-w // k)
     params = dict(b=b, cs=cs, ct=ct, h=h, w=w, options=options, features=features, nodes=nodes)
-    return Case(name, size=nodes, params=params, series=series, modes=modes)
+    # Bytes: the node passes read S and T and write grad S once, B·H·W·(2·Cs + Ct) elements.
+    # Flops: the similarity core by the exact algorithm with fewer of them (what algorithm='auto'
+    # picks), 2 flops a multiply-add, per image: low-rank, the Gram products Us·Usᵀ, Ut·Utᵀ, Us·Utᵀ
+    # (M·(Cs² + Ct² + Cs·Ct)) and the gradient Gs·Us − X·Ut (M·Cs·(Cs + Ct)); tiled, the similarity
+    # matrices Usᵀ·Us and Utᵀ·Ut (M²·(Cs + Ct)) and the gradient (M²·Cs). Its arithmetic is float64 on a
+    # GPU (float64 nodes); on the CPU float32 products on oneDNN, kept when exact enough.
+    m = nodes
+    lowrank = m * (cs * cs + ct * ct + cs * ct) + m * cs * (cs + ct)
+    tiled = m * m * (cs + ct) + m * m * cs
+    return Case(name, size=nodes, params=params, series=series, modes=modes, elements=b * h * w * (2 * cs + ct),
+                flops=2 * b * min(lowrank, tiled), flop_dtype={"cuda": "float64"})
 
 
 CASES = [

@@ -17,7 +17,10 @@ from skd_kernels.reference import pixelwise_official
 
 
 def _case(b, k, h, w, modes):
-    return Case(f"{b}x{k}x{h}x{w}", size=b * h * w, params=dict(shape=(b, k, h, w)), series=f"K={k}", modes=modes)
+    # Memory-bound: a step must read S and T and write grad S once, 3·B·K·H·W elements (times 4 bytes
+    # in float32); its arithmetic is a few operations per element.
+    return Case(f"{b}x{k}x{h}x{w}", size=b * h * w, params=dict(shape=(b, k, h, w)), series=f"K={k}", modes=modes,
+                elements=3 * b * k * h * w)
 
 
 CASES = [

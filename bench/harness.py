@@ -13,9 +13,11 @@ slow down the timings.
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -53,12 +55,24 @@ MIN_ROUNDS = {"tiny": 1, "quick": 3, "full": 3}
 @dataclass
 class Case:
     """One problem: `name` is unique within its op; `size` is its x in the plots; cases of one
-    `series` form one line per implementation; `modes` are the runs that take it."""
+    `series` form one line per implementation; `modes` are the runs that take it.
+
+    The work a step must do, whatever the implementation (the op file writes the formula next to the
+    case): `elements`, tensor elements it must read or write at least, each of the benchmark dtype's
+    size (its bytes: elements times that size); `flops`, the floating-point operations it must do, in
+    the arithmetic of `flop_dtype` ({device type: dtype name}, float32 where absent). 0: not declared.
+    """
     name: str
     size: float
     params: dict = field(default_factory=dict)
     series: str = ""
     modes: tuple = ("full",)
+    elements: int = 0
+    flops: int = 0
+    flop_dtype: dict = field(default_factory=dict)
+
+    def bytes(self, dtype: torch.dtype) -> int:
+        return self.elements * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -246,40 +260,66 @@ def environment(device: torch.device) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
 
 
-def device_limits(device: torch.device, dtype: torch.dtype) -> dict:
-    """What this device reaches in this run: GB/s of a device-to-device copy (bytes read + written)
-    and TFLOP/s of a 4096^3 matmul in `dtype`. GPU only (empty on the CPU)."""
-    if device.type != "cuda":
-        return {}
-    src = torch.empty(2**28, dtype=torch.uint8, device=device)
+# Sizes of the limit measurements: a copy well beyond the last-level cache, a square matmul that
+# keeps every core busy. The CPU's are smaller so that a quick run stays quick.
+LIMIT_COPY_BYTES = {"cuda": 2**28, "cpu": 2**27}
+LIMIT_MATMUL_N = {"cuda": 4096, "cpu": 1024}
+LIMIT_REPEATS = {"cuda": 10, "cpu": 3}
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(device: torch.device) -> dict:
+    """What this device reaches in this run (measured once per process and device): GB/s of a
+    device-to-device copy (bytes read + written over its time) and TFLOP/s of a square matmul in
+    float32 and in float64 (2 n^3 flops over its time); medians of a few repeats after one warm-up."""
+    kind = device.type
+    src = torch.empty(LIMIT_COPY_BYTES[kind], dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
-    copy = lambda: dst.copy_(src)  # noqa: E731
-    matmul = lambda: a @ b  # noqa: E731
-    for fn in (copy, matmul):
+    n = LIMIT_MATMUL_N[kind]
+    rates = {}
+
+    def median_ms(fn):
         fn()
-    copy_ms = statistics.median(elapsed_ms(copy, device) for _ in range(10))
-    matmul_ms = statistics.median(elapsed_ms(matmul, device) for _ in range(10))
-    return dict(copy_gb_per_s=2 * src.numel() / copy_ms / 1e6, matmul_tflop_per_s=2 * 4096**3 / matmul_ms / 1e9)
+        return statistics.median(elapsed_ms(fn, device) for _ in range(LIMIT_REPEATS[kind]))
+
+    rates["copy_gb_per_s"] = 2 * src.numel() / median_ms(lambda: dst.copy_(src)) / 1e6
+    del src, dst
+    for name in ("float32", "float64"):
+        # At torch's default float32 matmul precision ("highest"): no TF32, which our kernels do not use.
+        a, b = (torch.randn(n, n, dtype=getattr(torch, name), device=device) for _ in range(2))
+        rates[f"matmul_{name}_tflop_per_s"] = 2 * n**3 / median_ms(lambda: a @ b) / 1e9
+    return rates
 
 
-def workload(step: Callable, inputs: dict) -> tuple[int, int]:
-    """(bytes, flops) a case needs at least: its inputs read once and their gradients written once;
-    the matmul/conv flops that torch's FlopCounterMode counts in one step (of the official code)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    tensors = [t for t in inputs.values() if isinstance(t, torch.Tensor)]
-    nbytes = sum(t.nbytes for t in tensors) + sum(t.nbytes for t in tensors if t.requires_grad)
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return nbytes, counter.get_total_flops()
+def efficiency(case: Case, ms: float, limits: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The rates a row reaches on the case's declared work and the share of this run's limits:
+    gb_per_s and pct_of_bandwidth (the declared bytes), tflop_per_s and pct_of_matmul (the declared
+    flops, against the matmul rate of their dtype), pct_of_limit the larger share (the roofline:
+    the time the work needs at the limits over the row's time). '' where nothing is declared."""
+    row = dict(gb_per_s="", tflop_per_s="", pct_of_bandwidth="", pct_of_matmul="", pct_of_limit="")
+    if not ms or not limits:
+        return row
+    shares = []
+    if case.elements:
+        gb_per_s = case.bytes(dtype) / ms / 1e6
+        shares.append(100 * gb_per_s / limits["copy_gb_per_s"])
+        row.update(gb_per_s=_sig(gb_per_s), pct_of_bandwidth=_sig(shares[-1]))
+    if case.flops:
+        tflop_per_s = case.flops / ms / 1e9
+        limit = limits[f"matmul_{case.flop_dtype.get(device.type, 'float32')}_tflop_per_s"]
+        shares.append(100 * tflop_per_s / limit)
+        row.update(tflop_per_s=_sig(tflop_per_s), pct_of_matmul=_sig(shares[-1]))
+    if shares:
+        row["pct_of_limit"] = _sig(max(shares))
+    return row
 
 
 # --- one op, all its cases -----------------------------------------------------------------------
 
 COLUMNS = ["op", "case", "series", "size", "impl", "dtype", "ms", "peak_mb", "speedup", "memory_ratio",
-           "gb_per_s", "tflop_per_s", "pct_of_limit", "copy_gb_per_s", "matmul_tflop_per_s", "note",
-           "device", "torch", "triton", "cuda", "date"]
+           "gb_per_s", "tflop_per_s", "pct_of_bandwidth", "pct_of_matmul", "pct_of_limit", "copy_gb_per_s",
+           "matmul_float32_tflop_per_s", "matmul_float64_tflop_per_s", "note", "device", "torch", "triton", "cuda",
+           "date"]
 
 
 # Below this a peak is a few pages, not a tensor: no memory ratio against it.
@@ -288,6 +328,13 @@ MIN_PEAK_MB = 0.05
 
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def _sig(value) -> str:
+    """Three significant digits, no exponent (3350, 41.2, 0.00123)."""
+    if value is None or value == 0 or not math.isfinite(value):
+        return _fmt(value, ".3g")
+    return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}"
 
 
 def _fmt_ms(ms) -> str:
@@ -299,17 +346,19 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
     """Measure every case of `op` in `mode`; rows in COLUMNS order (numbers formatted, '' when absent).
 
     speedup and memory_ratio are the official formulation's ms and peak over the row's (above 1: the
-    row is faster / needs less). On a GPU, gb_per_s and tflop_per_s are the case's workload (see
-    `workload`) over the row's time, and pct_of_limit the time the workload needs at this run's copy
-    and matmul rates over the row's time. `only`: implementation names to run (the official always).
+    row is faster / needs less). gb_per_s, tflop_per_s and the pct_of_* columns are the case's declared
+    work over the row's time and its share of the limits measured in this run (`efficiency`).
+    `only`: implementation names to run (the official always).
     `progress`: a tqdm-like bar, told each case (set_description) and its end (update).
     """
     if dtype not in op.dtypes:
         raise ValueError(f"dtype: {op.name} is benchmarked in {op.dtypes}, got {dtype!r}")
     torch_dtype = getattr(torch, dtype)
     env = environment(device)
-    limits = device_limits(device, torch_dtype)
-    measured = []  # (case, {impl: ms}, {impl: MB}, {impl: note}, workload)
+    if progress:
+        progress.set_description(f"{op.name} device limits")
+    limits = device_limits(device)
+    measured = []  # (case, {impl: ms}, {impl: MB}, {impl: note})
     for case in op.cases_for(mode):
         if progress:
             progress.set_description(f"{op.name} {case.name}")
@@ -317,9 +366,7 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
         steps, warm_ms, notes = build_steps(op, case, inputs, device, only)
         times = interleaved_medians(steps, device, rounds_for(warm_ms, mode, rounds)) if steps else {}
         peaks = {name: peak_bytes(step, device) / 2**20 for name, step in steps.items()} if device.type == "cuda" else {}
-        # The official step's flops for every row: an effective rate for our other algorithms.
-        work = workload(steps[OFFICIAL], inputs) if limits and OFFICIAL in steps else None
-        measured.append((case, times, peaks, notes, work))
+        measured.append((case, times, peaks, notes))
         del steps, inputs
         gc.collect()
         if device.type == "cuda":
@@ -332,10 +379,10 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
         peaks, error = cpu_peaks_mb(op, dtype, {case.name: list(times) for case, times, *_ in measured if times})
         if error:
             print(f"{op.name}: {error}", file=sys.stderr)
-        for case, times, case_peaks, notes, _ in measured:
+        for case, times, case_peaks, notes in measured:
             case_peaks.update({name: peaks[f"{case.name}|{name}"] for name in times if f"{case.name}|{name}" in peaks})
     rows = []
-    for case, times, peaks, notes, work in measured:
+    for case, times, peaks, notes in measured:
         base_ms, base_mb = times.get(OFFICIAL), peaks.get(OFFICIAL)
         for name in [*times, *notes]:
             ms, mb = times.get(name), peaks.get(name)
@@ -344,14 +391,10 @@ def run_op(op: Op, mode: str, device: torch.device, dtype: str = "float32", *, r
                        speedup=_fmt(base_ms / ms if base_ms and ms else None, ".2f"),
                        memory_ratio=_fmt(base_mb / mb if base_mb is not None and mb and mb >= MIN_PEAK_MB else None,
                                          ".2f"),
-                       gb_per_s="", tflop_per_s="", pct_of_limit="",
-                       copy_gb_per_s=_fmt(limits.get("copy_gb_per_s"), ".0f"),
-                       matmul_tflop_per_s=_fmt(limits.get("matmul_tflop_per_s"), ".1f"),
+                       **efficiency(case, ms, limits, device, torch_dtype),
+                       copy_gb_per_s=_sig(limits["copy_gb_per_s"]),
+                       matmul_float32_tflop_per_s=_sig(limits["matmul_float32_tflop_per_s"]),
+                       matmul_float64_tflop_per_s=_sig(limits["matmul_float64_tflop_per_s"]),
                        note=notes.get(name, ""), **env)
-            if work and ms:
-                nbytes, flops = work
-                ideal_ms = max(nbytes / limits["copy_gb_per_s"] / 1e6, flops / limits["matmul_tflop_per_s"] / 1e9)
-                row.update(gb_per_s=_fmt(nbytes / ms / 1e6, ".0f"), tflop_per_s=_fmt(flops / ms / 1e9, ".3g"),
-                           pct_of_limit=_fmt(100 * ideal_ms / ms, ".1f"))
             rows.append({column: row[column] for column in COLUMNS})
     return rows

@@ -104,15 +104,21 @@ def _ratio(text: str) -> str:
     return f"{text}×" if text else ""
 
 
+def _percent(text: str) -> str:
+    return f"{text}%" if text else ""
+
+
 def results_table(rows: list[dict]) -> list[str]:
-    gpu = any(row["gb_per_s"] for row in rows)
-    header = ["case", "impl", "ms", "peak MB", "speed-up", "memory"] + (["GB/s", "TFLOP/s", "% of limit"] if gpu else [])
+    # CSVs written before the efficiency columns existed have none of them (or empty ones).
+    rates = any(row.get("pct_of_limit") for row in rows)
+    header = ["case", "impl", "ms", "peak MB", "speed-up", "memory"]
+    header += ["GB/s", "TFLOP/s", "% of limit"] if rates else []
     lines = []
     for row in rows:
         line = [row["case"], f"`{row['impl']}`", _ms(row["ms"]), row["peak_mb"], _ratio(row["speedup"]),
                 _ratio(row["memory_ratio"])]
-        if gpu:
-            line += [row["gb_per_s"], row["tflop_per_s"], row["pct_of_limit"]]
+        if rates:
+            line += [row["gb_per_s"], row["tflop_per_s"], _percent(row["pct_of_limit"])]
         if row["note"]:
             line[2] = row["note"]
         lines.append(line)
@@ -170,11 +176,18 @@ Every figure comes from `python -m bench` (`bench/harness.py`); rerun it to refr
   large block (the timings run in a normal process, which that setting would slow down).
 - **Ratios**: `speed-up` is the official code's ms over the row's, `memory` its peak over the row's;
   above 1, the row is faster or needs less.
-- **GPU efficiency**: `GB/s` is the case's least traffic (inputs read once, their gradients written
-  once) over the row's time; `TFLOP/s` the matmul/convolution flops of the official step (torch's
-  FlopCounterMode) over the row's time, so for our low-rank and tiled algorithms an effective rate;
-  `% of limit` the time that work needs at this run's measured device-to-device copy rate and matmul
-  rate (both in the CSV) over the row's time.
+- **Share of the device's limit**: each case declares the work a step must do whatever the
+  implementation, with its formula next to the case in `bench_<op>.py`: the bytes it must move (pixel-wise:
+  read S and T, write grad S, 3·B·K·H·W elements; pair-wise: the node passes read S and T and write
+  grad S) and/or the flops it must do (attention: the N² products of the forward, backward and double
+  backward; pair-wise: the similarity core by the exact algorithm with fewer flops). `GB/s` and `TFLOP/s`
+  are that work over the row's time (for every row of a case alike, so an effective rate for algorithms
+  that do less). The limits are measured in the same run, on the same device: a device-to-device copy
+  (bytes read + written over its time; 256 MiB on a GPU, 128 MiB on the CPU) and a square matmul in
+  float32 and in float64 (4096³ on a GPU, 1024³ on the CPU), all in the CSV. `% of limit` is the larger
+  of the two shares (`pct_of_bandwidth`, `pct_of_matmul` in the CSV, the flops against the matmul rate
+  of their dtype): the time the declared work needs at this run's limits over the row's time. The
+  holistic op declares no work (convolutions dominate it): no rates.
 - **Implementations**: `official` the official formulation (`skd_kernels.reference`) in eager PyTorch;
   `official_compiled` the same under `torch.compile` (inductor, one specialisation per shape);
   `skd_<backend>` this library with `backend=<backend>` (`skd_d_step`: the holistic `d_step`); `sdpa_*`
@@ -223,6 +236,9 @@ def write_readme(out: Path) -> Path:
             first = next(iter(rows_by_op.values()))[0]
             lines += [f"`{folder}/` ({first['device'].split(',')[0]}, {first['dtype']}):", "",
                       *headline(rows_by_op, {op: mode for op, (mode, _) in ops.items()}), ""]
+    if (out / "aot" / "aot.md").exists():  # scripts/aot_check.py's table
+        lines += ["Every kernel compiled ahead of time for sm_90a, registers, spills and instruction counts: "
+                  "[`aot/aot.md`](aot/aot.md), what it shows: [`aot/README.md`](aot/README.md).", ""]
     lines += ["## How these figures are measured", "", HOW_MEASURED, NOISE, ""]
     for op_name in OPS:
         op = load_op(op_name)
@@ -237,12 +253,16 @@ def write_readme(out: Path) -> Path:
                       f"torch {first['torch']}" + (f", Triton {first['triton']}" if first["triton"] else "")
                       + (f", CUDA {first['cuda']}" if first["cuda"] else "")
                       + (f"; this run's limits: copy {first['copy_gb_per_s']} GB/s, matmul "
-                         f"{first['matmul_tflop_per_s']} TFLOP/s" if first["copy_gb_per_s"] else "")
+                         f"{first.get('matmul_float32_tflop_per_s')} TFLOP/s in float32, "
+                         f"{first.get('matmul_float64_tflop_per_s')} in float64"
+                         if first.get("matmul_float32_tflop_per_s") else "")
                       + f". [`{folder}/{path.name}`]({folder}/{path.name})", ""]
             png = path.with_suffix(".png")
             if png.exists():
                 lines += [f"![{op.title}, {first['device']}]({folder}/{png.name})", ""]
             lines += [*results_table(rows), ""]
+            if not any(row.get("pct_of_limit") for row in rows) and op.name != "holistic":
+                lines += ["This run predates the GB/s, TFLOP/s and % of limit columns: rerun it for them.", ""]
     lines += historical_section(out)
     path = out / "README.md"
     path.write_text("\n".join(lines).rstrip() + "\n")

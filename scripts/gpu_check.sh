@@ -58,6 +58,13 @@ stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -n 8 --t
 
 # The benchmark writes each op's CSV and plot as soon as the op is done: a run cut short keeps those.
 stage bench 230 "$OUT/bench.log" env TQDM_MININTERVAL=5 "$PY" -m bench --quick --device cuda --out "$OUT/bench"
+# The limits the benchmark measured in this run (every row's % of limit is a share of them).
+[[ -d "$OUT/bench" ]] && "$PY" -c "
+import csv, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob('*/*.csv'))[:1]:
+    row = next(csv.DictReader(open(path)))
+    print(f\"limits: copy {row['copy_gb_per_s']} GB/s, matmul {row['matmul_float32_tflop_per_s']} TFLOP/s float32, \"
+          f\"{row['matmul_float64_tflop_per_s']} float64 ({path.name})\")" "$OUT/bench" >>"$SUMMARY" 2>&1
 [[ -d "$OUT/bench" ]] && tar -czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
 stage profile_pairwise 40 "$OUT/bench.log" "$PY" -m bench.profile_pairwise --steps 20 --rows 12
 

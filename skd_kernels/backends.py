@@ -25,11 +25,11 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 
 # `auto`: the first of these that is there, per op and device type. On a GPU the CUDA kernels of
 # the distillation losses measured faster than the Triton ones (Triton's Python launch costs about
-# 45 us a kernel), while Triton's attention beats the CUDA one (bench/results/history.md, H100).
+# 45 us a kernel; bench/results/historical/history.md, H100); attention is Triton's alone.
 AUTO_PREFERENCE = {
     "pixelwise": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     "pairwise": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
-    "attention": {"cpu": ("cpu",), "cuda": ("triton", "cuda")},
+    "attention": {"cpu": ("cpu",), "cuda": ("triton", "torch")},
 }
 
 # `auto` on problems of at most this size (given, not 0) prefers these backends instead: pair-wise
@@ -56,11 +56,12 @@ PASS_API = {
     "attention": ("forward", "backward", "double_backward"),
 }
 
-# Passes a backend takes from the `torch` backend: Triton has no attention double-backward kernel
-# yet (the stock one is exact and O(N * C) in memory); the low-rank centring is fused on the CPU only;
-# the pair-wise low-rank fallback and the fused few-node pass are Triton's or none (see pytorch/pairwise.py).
+# Passes a backend takes from the `torch` backend: the low-rank centring is fused on the CPU only;
+# the pair-wise low-rank fallback and the fused few-node pass are Triton's or none (see pytorch/pairwise.py);
+# the CUDA C++ backend has no attention kernels (untiled ones ran at 0.1x the naive block and were
+# removed): on a GPU, attention is Triton's, or the torch passes (cuBLAS) when the cuda backend is asked for.
 _BORROWED_FROM_TORCH = {
-    ("attention", "triton"): ("double_backward",),
+    ("attention", "cuda"): ("forward", "backward", "double_backward"),
     ("pairwise", "triton"): ("centre", "centre_pair"),
     ("pairwise", "cuda"): ("centre", "centre_pair", "keep_or_tiled", "few_nodes"),
     ("pairwise", "cpu"): ("keep_or_tiled", "few_nodes"),

@@ -17,8 +17,8 @@ sys.path.insert(0, str(REPO))  # the bench package lives at the repository root
 
 from bench import report  # noqa: E402
 from bench.__main__ import main  # noqa: E402
-from bench.harness import (COLUMNS, COMPILED, CPU_MEASUREMENT_ENV, OFFICIAL, OPS, interleaved_medians,  # noqa: E402
-                           load_op, rounds_for)
+from bench.harness import (COLUMNS, COMPILED, CPU_MEASUREMENT_ENV, OFFICIAL, OPS, Case, efficiency,  # noqa: E402
+                           interleaved_medians, load_op, rounds_for)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,71 @@ def test_ratios_are_the_official_figures_over_the_rows(tiny_run):
                 assert row["memory_ratio"] == "", row
 
 
+LIMIT_COLUMNS = ("copy_gb_per_s", "matmul_float32_tflop_per_s", "matmul_float64_tflop_per_s")
+
+
+def test_rows_carry_the_limits_measured_in_this_run(tiny_run):
+    rows = _rows(tiny_run, "pixelwise") + _rows(tiny_run, "attention")
+    for column in LIMIT_COLUMNS:
+        assert {row[column] for row in rows} == {rows[0][column]}, column  # measured once per run
+        assert float(rows[0][column]) > 0, column
+
+
+def test_rates_are_the_declared_work_over_the_rows_time_and_their_share_of_the_limits(tiny_run):
+    for op_name, rate, share, limit, work in (
+            ("pixelwise", "gb_per_s", "pct_of_bandwidth", "copy_gb_per_s",
+             lambda case: case.bytes(torch.float32) / 1e6),
+            ("attention", "tflop_per_s", "pct_of_matmul", "matmul_float32_tflop_per_s",
+             lambda case: case.flops / 1e9)):
+        op = load_op(op_name)
+        for row in _rows(tiny_run, op_name):
+            if row["note"]:
+                assert row[rate] == row["pct_of_limit"] == "", row
+                continue
+            expected = work(op.case(row["case"])) / float(row["ms"])
+            assert float(row[rate]) == pytest.approx(expected, rel=1e-2), row  # 3 significant digits
+            assert float(row[share]) == pytest.approx(100 * expected / float(row[limit]), rel=1e-2), row
+            assert row["pct_of_limit"] == row[share], row  # one declared quantity: its share
+
+
+def test_efficiency_takes_the_larger_share_and_the_matmul_rate_of_the_declared_dtype():
+    case = Case("c", 1, elements=10**6, flops=2 * 10**9, flop_dtype={"cpu": "float64"})
+    limits = dict(copy_gb_per_s=10.0, matmul_float32_tflop_per_s=8.0, matmul_float64_tflop_per_s=4.0)
+    row = efficiency(case, 1.0, limits, torch.device("cpu"), torch.float32)  # 1 ms
+    assert row["gb_per_s"] == "4.00" and row["pct_of_bandwidth"] == "40.0"  # 4 MB in 1 ms of 10 GB/s
+    assert row["tflop_per_s"] == "2.00" and row["pct_of_matmul"] == "50.0"  # against float64's 4 TFLOP/s
+    assert row["pct_of_limit"] == "50.0"
+    assert efficiency(case, 1.0, limits, torch.device("cpu"), torch.float64)["gb_per_s"] == "8.00"
+    assert efficiency(case, 1.0, limits, torch.device("cuda"), torch.float32)["pct_of_matmul"] == "25.0"
+    assert set(efficiency(Case("none", 1), 1.0, limits, torch.device("cpu"), torch.float32).values()) == {""}
+
+
+def test_memory_bound_cases_declare_their_inputs_read_once_and_gradients_written_once():
+    for op_name in ("pixelwise", "pairwise"):
+        op = load_op(op_name)
+        for case in op.cases_for("tiny"):
+            inputs = op.make_inputs(case, torch.device("cpu"), torch.float32)
+            tensors = [t for t in inputs.values() if isinstance(t, torch.Tensor)]
+            moved = sum(t.numel() for t in tensors) + sum(t.numel() for t in tensors if t.requires_grad)
+            assert case.elements == moved, (op_name, case.name)
+        assert all(case.elements > 0 for case in op.cases), op_name
+
+
+def test_attention_flops_are_at_least_the_official_steps_matmuls():
+    # The official block stores the N x N map; ours recomputes S = q k^T and dP = dO v^T in each pass:
+    # more products, but less than twice as many.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    op = load_op("attention")
+    for case in op.cases_for("tiny") + op.cases_for("quick")[:2]:
+        inputs = op.make_inputs(case, torch.device("cpu"), torch.float32)
+        step = op.impls(case, torch.device("cpu"))[0].build(case, inputs)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        assert counter.get_total_flops() <= case.flops < 2 * counter.get_total_flops(), case.name
+    assert all(case.flops > 0 for case in op.cases)
+
+
 def test_tiny_run_writes_a_png_per_op_and_the_readme(tiny_run):
     for op in ("pixelwise", "attention"):
         png = tiny_run / "cpu" / f"{op}_tiny.png"
@@ -77,6 +142,7 @@ def test_tiny_run_writes_a_png_per_op_and_the_readme(tiny_run):
         assert f"cpu/{op}_tiny.png" in readme and f"cpu/{op}_tiny.csv" in readme
         assert load_op(op).title in readme
     assert "| op | case | run | official ms |" in readme  # the headline table
+    assert "| GB/s | TFLOP/s | % of limit |" in readme  # the rates and shares of the limits
 
 
 def test_headline_names_our_fastest_implementation_per_op(tiny_run):

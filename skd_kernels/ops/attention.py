@@ -3,7 +3,7 @@ double backward's derivation included: docs/ops/attention.md.
 
 Three ops, each a pass over the attention map one tile of rows at a time (never N x N):
   skd::attention_forward(q, k, v)                        -> (out, lse)
-  skd::attention_backward(q, k, v, out, lse, dout)       -> (dq, dk, dv)
+  skd::attention_backward(q, k, v, lse, dout)            -> (dq, dk, dv)
   skd::attention_double_backward(q, k, v, lse, dout, gq, gk, gv) -> (grad q, grad k, grad v, grad dout)
 The forward's autograd calls attention_backward; attention_backward's autograd calls
 attention_double_backward, so `torch.autograd.grad(..., create_graph=True)` followed by a second
@@ -12,7 +12,11 @@ differentiating the reference.
 
 Arithmetic is float32 for float32/float16/bfloat16 input and float64 for float64: half inputs are
 converted once to float32 (O(N*C) memory) and results rounded back to the input dtype. `lse` is
-returned in the accumulation dtype.
+float64 (B, N) for every input dtype: at energies |q.k| ~ 1e3 a float32 lse is off by ~1e-4 absolute,
+which exp(S - lse) turns into a relative error of P (docs/ops/attention.md, "Precision at large energies").
+
+Eager calls run the same passes under torch.autograd.Function classes (the end of this file), not
+through the dispatcher; torch.compile traces the ops.
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     name = resolve("attention", q.device.type, backend, size=q.shape[1])
     if name == REFERENCE:
         return attention_reference(q, k, v)
-    out, _ = attention_forward(q, k, v, name)
+    out, _ = _call_forward(q, k, v, name)
     return out
 
 
@@ -77,7 +81,11 @@ def _acc(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor
 @torch.library.custom_op("skd::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated input -> (out (B, N, Dv) in the input dtype, row log-sum-exp (B, N), accumulation dtype)."""
+    """Validated input -> (out (B, N, Dv) in the input dtype, row log-sum-exp (B, N), float64)."""
+    return _forward_passes(q, k, v, backend)
+
+
+def _forward_passes(q, k, v, backend):
     acc = accumulation_dtype(q)
     out, lse = passes("attention", backend).forward(_acc(q, acc), _acc(k, acc), _acc(v, acc))
     return out.to(q.dtype), lse
@@ -85,25 +93,28 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @attention_forward.register_fake
 def _(q, k, v, backend):
-    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty(q.shape[:2], dtype=accumulation_dtype(q))
+    return q.new_empty((*q.shape[:2], v.shape[2])), q.new_empty(q.shape[:2], dtype=torch.float64)
 
 
 @torch.library.custom_op("skd::attention_backward", mutates_args=())
-def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       dout: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the attention for the incoming gradient dout (B, N, Dv), in the input dtype.
 
-    `out` is unused by the kernels (they form D_i = dout_i . out_i from the recomputed map, which is
-    exact even when `out` was rounded to half precision); it is an input so that the op's
-    signature says what the result depends on."""
+    Every backend forms D_i = sum_j P_ij dP_ij from the recomputed map rather than dout_i . out_i: see
+    docs/ops/attention.md, "First derivatives"."""
+    return _backward_passes(q, k, v, lse, dout, backend)
+
+
+def _backward_passes(q, k, v, lse, dout, backend):
     acc = accumulation_dtype(q)
-    grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, acc),
+    grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, torch.float64),
                                                   _acc(dout, acc))
     return tuple(g.to(q.dtype) for g in grads)
 
 
 @attention_backward.register_fake
-def _(q, k, v, out, lse, dout, backend):
+def _(q, k, v, lse, dout, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -114,8 +125,12 @@ def attention_double_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients with respect to (q, k, v, dout) of <gq, dq> + <gk, dk> + <gv, dv>, where (dq, dk, dv)
     is attention_backward's result; gq, gk (B, N, Dk), gv (B, N, Dv) or None for zero."""
+    return _double_backward_passes(q, k, v, lse, dout, gq, gk, gv, backend)
+
+
+def _double_backward_passes(q, k, v, lse, dout, gq, gk, gv, backend):
     acc = accumulation_dtype(q)
-    inputs = (_acc(x, acc) for x in (q, k, v, lse, dout, gq, gk, gv))
+    inputs = (_acc(x, torch.float64 if x is lse else acc) for x in (q, k, v, lse, dout, gq, gk, gv))
     grads = passes("attention", backend).double_backward(*inputs)
     return tuple(g.to(q.dtype) for g in grads)
 
@@ -131,15 +146,15 @@ def _forward_setup(ctx, inputs, output):
     q, k, v, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, lse)
     ctx.backend = backend
 
 
 def _forward_backward(ctx, dout, _dlse):
     if dout is None:
         return None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward(q, k, v, out, lse, dout.contiguous(), ctx.backend)
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = _call_backward(q, k, v, lse, dout.contiguous(), ctx.backend)
     return dq, dk, dv, None
 
 
@@ -147,24 +162,26 @@ attention_forward.register_autograd(_forward_backward, setup_context=_forward_se
 
 
 def _backward_setup(ctx, inputs, output):
-    q, k, v, out, lse, dout, backend = inputs
+    q, k, v, lse, dout, backend = inputs
     ctx.save_for_backward(q, k, v, lse, dout)
     ctx.backend = backend
 
 
 def _backward_backward(ctx, gq, gk, gv):
-    # `out` and `lse` are functions of q, k, v: the formulas differentiate through them, so those
-    # two inputs get no gradient of their own (that would count their dependence twice).
+    # `lse` is a function of q and k: the formulas differentiate through it, so it gets no gradient of
+    # its own (that would count its dependence twice).
     q, k, v, lse, dout = ctx.saved_tensors
-    need_q, need_k, need_v, _, _, need_dout, _ = ctx.needs_input_grad
+    need_q, need_k, need_v, _, need_dout, _ = ctx.needs_input_grad
     if not (need_q or need_k or need_v or need_dout) or (gq is None and gk is None and gv is None):
-        return (None,) * 7
+        return (None,) * 6
     if torch.is_grad_enabled():
         grads = _third_order_via_reference(q, k, v, dout, gq, gk, gv)
     else:
-        grads = attention_double_backward(q, k, v, lse, dout, gq, gk, gv, ctx.backend)
+        double_backward = (attention_double_backward if torch.compiler.is_compiling()
+                           else _double_backward_passes)
+        grads = double_backward(q, k, v, lse, dout, gq, gk, gv, ctx.backend)
     grad_q, grad_k, grad_v, grad_dout = grads
-    return (grad_q if need_q else None, grad_k if need_k else None, grad_v if need_v else None, None, None,
+    return (grad_q if need_q else None, grad_k if need_k else None, grad_v if need_v else None, None,
             grad_dout if need_dout else None, None)
 
 
@@ -179,3 +196,50 @@ def _third_order_via_reference(q, k, v, dout, gq, gk, gv):
 
 
 attention_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
+
+
+# --- eager calls ----------------------------------------------------------------------------------
+# Eager calls skip the torch.library dispatcher (its Python autograd wrapper costs tens of us a call,
+# and a D step makes dozens): the same passes and the same autograd functions, under
+# torch.autograd.Function. torch.compile traces the ops.
+
+class _EagerForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, backend):
+        output = _forward_passes(q, k, v, backend)
+        _forward_setup(ctx, (q, k, v, backend), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _forward_backward(ctx, dout, dlse)
+
+
+class _EagerBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lse, dout, backend):
+        grads = _backward_passes(q, k, v, lse, dout, backend)
+        _backward_setup(ctx, (q, k, v, lse, dout, backend), grads)
+        return grads
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        return _backward_backward(ctx, gq, gk, gv)
+
+
+def _recording(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _call_forward(q, k, v, backend):
+    if torch.compiler.is_compiling():
+        return attention_forward(q, k, v, backend)
+    return _EagerForward.apply(q, k, v, backend) if _recording(q, k, v) else _forward_passes(q, k, v, backend)
+
+
+def _call_backward(q, k, v, lse, dout, backend):
+    if torch.compiler.is_compiling():
+        return attention_backward(q, k, v, lse, dout, backend)
+    if _recording(q, k, v, dout):
+        return _EagerBackward.apply(q, k, v, lse, dout, backend)
+    return _backward_passes(q, k, v, lse, dout, backend)
