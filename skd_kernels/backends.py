@@ -25,12 +25,20 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 
 # `auto`: the first of these that is there, per op and device type. On a GPU the CUDA kernels of
 # the distillation losses measured faster than the Triton ones (Triton's Python launch costs about
-# 45 us a kernel), while Triton's attention beats the CUDA one (bench/results/history.md, H100).
+# 45 us a kernel; bench/results/historical/history.md, H100); attention is Triton's alone.
 AUTO_PREFERENCE = {
     "pixelwise": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     "pairwise": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
-    "attention": {"cpu": ("cpu",), "cuda": ("triton", "cuda")},
+    "attention": {"cpu": ("cpu",), "cuda": ("triton", "torch")},
 }
+
+# `auto` on problems of at most this size (given, not 0) prefers these backends instead: pair-wise
+# distillation with at most 64 nodes (the official 3 x 3) is one fused Triton pass of two launches
+# (triton/pairwise_few.py), where the CUDA backend's node passes and similarity core make about
+# eleven, and at that size a loss costs its launches, not its arithmetic.
+FEW_NODES = 64
+SMALL_PROBLEM = {"pairwise": FEW_NODES}
+SMALL_PREFERENCE = {"pairwise": {"cpu": ("cpu",), "cuda": ("triton", "cuda")}}
 
 # `auto` on problems of at most this size runs the op's reference formula under autograd instead
 # of a backend: for attention, N positions whose whole map is one tile (64 KB in float32 per image),
@@ -44,14 +52,19 @@ REFERENCE = "reference"
 # Each op's pass API: the functions its op module calls, with the signatures that op module states.
 PASS_API = {
     "pixelwise": ("loss_and_grad",),
-    "pairwise": ("nodes_forward", "nodes_backward", "centre", "centre_pair"),
+    "pairwise": ("nodes_forward", "nodes_backward", "centre", "centre_pair", "keep_or_tiled", "few_nodes"),
     "attention": ("forward", "backward", "double_backward"),
 }
 
-# Passes a backend takes from the `torch` backend: the low-rank centring is fused on the CPU only.
+# Passes a backend takes from the `torch` backend: the low-rank centring is fused on the CPU only;
+# the pair-wise low-rank fallback and the fused few-node pass are Triton's or none (see pytorch/pairwise.py);
+# the CUDA C++ backend has no attention kernels (untiled ones ran at 0.1x the naive block and were
+# removed): on a GPU, attention is Triton's, or the torch passes (cuBLAS) when the cuda backend is asked for.
 _BORROWED_FROM_TORCH = {
+    ("attention", "cuda"): ("forward", "backward", "double_backward"),
     ("pairwise", "triton"): ("centre", "centre_pair"),
-    ("pairwise", "cuda"): ("centre", "centre_pair"),
+    ("pairwise", "cuda"): ("centre", "centre_pair", "keep_or_tiled", "few_nodes"),
+    ("pairwise", "cpu"): ("keep_or_tiled", "few_nodes"),
 }
 
 _choices: dict[tuple, str] = {}
@@ -108,28 +121,31 @@ def _constant_to_torch_compile(fn):
 @_constant_to_torch_compile
 def resolve(op: str, device_type: str, requested: str | None = None, size: int = 0) -> str:
     """The backend that runs `op` on `device_type` tensors, or REFERENCE (the one-tile rule), or a
-    ValueError saying why none can. `size`: the problem size ONE_TILE compares (attention: N).
+    ValueError saying why none can. `size`: the problem size ONE_TILE and SMALL_PROBLEM compare
+    (attention: N; pairwise: M nodes, 0 when not given).
 
     A compiled backend (`cpu`, `cuda`) is built here at first use; if that fails the loader has
     warned once, naming the cause, and the answer is `torch` (or, for `auto` on a GPU, the next
     preferred backend). Cached; constant to torch.compile.
     """
     one_tile = size <= ONE_TILE.get(op, -1)
-    key = (op, device_type, requested, one_tile)
+    small = 0 < size <= SMALL_PROBLEM.get(op, -1)
+    key = (op, device_type, requested, one_tile, small)
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _choose(op, device_type, requested, one_tile)
+        choice = _choices[key] = _choose(op, device_type, requested, one_tile, small)
     return choice
 
 
-def _choose(op: str, device_type: str, requested: str | None, one_tile: bool) -> str:
+def _choose(op: str, device_type: str, requested: str | None, one_tile: bool, small: bool = False) -> str:
     source = "backend="
     if requested is None:
         requested, source = _env("SKD_BACKEND") or "auto", "SKD_BACKEND="
     if requested == "auto":
         if one_tile:
             return REFERENCE
-        return _first_buildable(AUTO_PREFERENCE[op].get(device_type, ()))
+        preference = SMALL_PREFERENCE[op] if small else AUTO_PREFERENCE[op]
+        return _first_buildable(preference.get(device_type, ()))
     _check_request(requested, source, device_type)
     if requested in ("cpu", "cuda") and _extension_module(requested) is None:
         return "torch"

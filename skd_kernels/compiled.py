@@ -13,11 +13,30 @@ import torch
 from .ops.pairwise.types import Centred, CentredPair
 
 
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The CUDA pixel-wise kernel's last-block ticket on `device`: zeroed once, left 0 by every launch.
+    (Launches of the op on two streams of one device at once would share it: not supported.)"""
+    if device not in _TICKETS:
+        _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _TICKETS[device]
+
+
 def pixelwise(module, device_type: str) -> types.SimpleNamespace:
     def loss_and_grad(student, teacher, labels, ignore_index, inv_tau, kl, constant, pixel_loss, grad_student,
-                      grad_teacher) -> None:
+                      grad_teacher):
+        """CPU: fills pixel_loss, returns None. CUDA: sums the pixel losses in the kernel and returns the
+        sum (a 0-d float64 tensor); pixel_loss is not written."""
+        if device_type != "cuda":
+            module.pixelwise_loss_and_grad(student, teacher, labels, ignore_index, inv_tau, int(kl), constant,
+                                           pixel_loss, grad_student, grad_teacher, None, None)
+            return None
+        loss_sum = torch.empty(1, dtype=torch.float64, device=student.device)
         module.pixelwise_loss_and_grad(student, teacher, labels, ignore_index, inv_tau, int(kl), constant,
-                                       pixel_loss, grad_student, grad_teacher)
+                                       pixel_loss, grad_student, grad_teacher, loss_sum, _ticket(student.device))
+        return loss_sum[0]
 
     return types.SimpleNamespace(loss_and_grad=loss_and_grad)
 
@@ -49,13 +68,14 @@ def _centre_pair(module, us: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) 
 
 
 def attention(module, device_type: str) -> types.SimpleNamespace:
+    # CPU kernels only: on a GPU the cuda backend borrows the torch passes (backends.py).
     def forward(q, k, v):
         out = q.new_empty((*q.shape[:2], v.shape[2]))
-        lse = q.new_empty(q.shape[:2])
+        lse = q.new_empty(q.shape[:2], dtype=torch.float64)
         module.attention_forward(q, k, v, out, lse)
         return out, lse
 
-    def backward(q, k, v, out, lse, dout):
+    def backward(q, k, v, lse, dout):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         module.attention_backward(q, k, v, lse, dout, dq, dk, dv)
         return dq, dk, dv

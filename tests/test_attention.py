@@ -1,6 +1,8 @@
 """Fused SAGAN attention: every backend against the float64 reference, to the second derivative."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -159,6 +161,114 @@ def test_saturated_softmax_stays_finite_and_exact(backend):
     assert_close(out32, attention_reference(q, k, v), torch.float32, factor, "saturated fp32 out")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, *LOW_PRECISION], ids=str)
+def test_saved_lse_is_float64_for_every_dtype(backend, dtype):
+    """The row log-sum-exp the backward passes read is float64 (B, N) whatever the input dtype (a
+    float32 lse costs P ~|lse| eps of relative precision), in the op and in its fake (tracing)."""
+    device = backend_device(backend)
+    q, k, v, _ = make_qkv((2, 33, 4, 6), dtype, device, scale=3.0)
+    _, lse = torch.ops.skd.attention_forward(q, k, v, backend)
+    assert lse.dtype == torch.float64 and lse.shape == (2, 33)
+    torch.library.opcheck(torch.ops.skd.attention_forward.default, (q, k, v, backend), test_utils=("test_faketensor",))
+    if dtype == torch.float64:
+        exact = torch.logsumexp(torch.bmm(q, k.transpose(1, 2)), -1)
+        assert_close(lse, exact, torch.float64, energy_factor(q, k), "lse")
+
+
+# --- float32 at large energies ---------------------------------------------------------------------
+# An un-scaled SAGAN block's energies q.k grow as D trains (|q.k| ~ 1e2 to 1e4). The naive block loses
+# float32 precision there too (S = q.k is itself rounded to ~eps |q| |k|), so the fused path is held to
+# the naive block's float32 error at each energy: a float32 lse, or a statistic with cancellation,
+# costs it 10-60 times that.
+ENERGIES = [1.0, 1e2, 1e3, 1e4]
+NAIVE_FACTOR = 2.0
+FLOAT32_FLOOR = 1e-6  # relative to max|fp64|: a few float32 roundings, where the naive error is ~0 by luck
+RESULTS = ("out", "dq", "dk", "dv", "grad q", "grad k", "grad v", "grad dout")
+
+
+def energy_case(max_energy, shape=(2, 80, 16, 24), seed=0):
+    """float64 q, k, v, dout and cotangents of (dq, dk, dv) with max|q.k| = max_energy. The keys share
+    an offset, as a SAGAN block's 1x1 convolution bias gives: it moves each row's lse away from 0
+    without changing P, the case where a float32 lse cancels worst."""
+    b, n, dk, dv = shape
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, n, dk, generator=g, dtype=torch.float64) for _ in range(2))
+    k += torch.randn(dk, generator=g, dtype=torch.float64)
+    scale = (max_energy / torch.bmm(q, k.transpose(1, 2)).abs().max().item()) ** 0.5
+    v, dout = (torch.randn(b, n, dv, generator=g, dtype=torch.float64) for _ in range(2))
+    cotangents = [torch.randn(b, n, d, generator=g, dtype=torch.float64) for d in (dk, dk, dv)]
+    return q * scale, k * scale, v, dout, cotangents
+
+
+def both_orders(fn, q, k, v, dout, cotangents):
+    """Dict of out, (dq, dk, dv) for dout, and the second-order gradients of RESULTS."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, dout)]
+    out = fn(*leaves[:3])
+    first = torch.autograd.grad(out, leaves[:3], leaves[3], create_graph=True)
+    total = sum((f * c).sum() for f, c in zip(first, cotangents))
+    second = torch.autograd.grad(total, leaves)
+    return {name: x.detach().double().cpu() for name, x in zip(RESULTS, (out, *first, *second))}
+
+
+@functools.lru_cache(maxsize=None)
+def float32_at_energy(backend, max_energy):
+    """(fused float32, naive float32, float64 reference) results of `both_orders` (cached: three tests
+    read them; the Triton interpreter is slow)."""
+    device = backend_device(backend)
+    q, k, v, dout, cotangents = energy_case(max_energy)
+    ref = both_orders(attention_reference, q, k, v, dout, cotangents)
+    low = [x.float().to(device) for x in (q, k, v, dout)], [c.float().to(device) for c in cotangents]
+    return both_orders(fused(backend), *low[0], low[1]), both_orders(attention_reference, *low[0], low[1]), ref
+
+
+def relative_error(got, ref):
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_energy", ENERGIES, ids=lambda e: f"E{e:.0e}")
+def test_float32_error_within_twice_the_naive_blocks_at_every_energy(backend, max_energy):
+    fused32, naive32, ref = float32_at_energy(backend, max_energy)
+    for name in RESULTS:
+        fused_error, naive_error = relative_error(fused32[name], ref[name]), relative_error(naive32[name], ref[name])
+        assert fused_error <= NAIVE_FACTOR * naive_error + FLOAT32_FLOOR, (
+            f"{name}: fused float32 error {fused_error:.2e}, naive {naive_error:.2e} (of max|fp64|)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_energy", ENERGIES, ids=lambda e: f"E{e:.0e}")
+def test_key_bias_gradient_vanishes_as_in_the_naive_block(backend, max_energy):
+    """sum_j dk_j is the gradient of the key projection's bias: 0 in exact arithmetic, as each row of dS
+    (and of dS2) sums to 0. It stays at the naive block's rounding level, first and second order."""
+    fused32, naive32, ref = float32_at_energy(backend, max_energy)
+    for name in ("dk", "grad k"):
+        def key_bias(x):
+            return (x.sum(1).abs().max() / ref[name].abs().max()).item()
+
+        assert key_bias(ref[name]) < 1e-12
+        got, naive = key_bias(fused32[name]), key_bias(naive32[name])
+        assert got <= NAIVE_FACTOR * naive + FLOAT32_FLOOR, f"sum_j {name}_j: fused {got:.2e}, naive {naive:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saturated_rows_of_the_double_backward_match_fp64(backend):
+    """Rows whose softmax is one-hot to float64 precision: there dS and dS2 vanish, so their second-order
+    gradients (q, dout) are what the cotangents give alone; a statistic with cancellation (C - 2 D Abar
+    with D Abar ~ |dP| |k| |gq|) leaves rounding noise of that size instead."""
+    fused32, naive32, ref = float32_at_energy(backend, 1e4)
+    q, k, *_ = energy_case(1e4)
+    s = torch.bmm(q, k.transpose(1, 2))
+    saturated = torch.softmax(s, -1).amax(-1) > 1 - 1e-15  # (B, N)
+    assert saturated.sum() >= 10, "the case must have saturated rows"
+    for name in ("grad q", "grad dout"):
+        got, naive, exact = fused32[name][saturated], naive32[name][saturated], ref[name][saturated]
+        error, naive_error = (got - exact).abs().max().item(), (naive - exact).abs().max().item()
+        assert error <= NAIVE_FACTOR * naive_error + FLOAT32_FLOOR * ref[name].abs().max().item(), (
+            f"{name} on saturated rows: error {error:.2e}, naive {naive_error:.2e}, max|fp64| "
+            f"{ref[name].abs().max().item():.2e}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_traces_forward_and_backward_without_graph_breaks(backend):
     q, k, v, dout = make_qkv((2, 9, 3, 5), torch.float32, "cpu")
@@ -236,6 +346,25 @@ def test_cpu_kernel_paths_match_fp64_reference(threads):
     ref = second_order(attention_reference, q, k, v, dout, cot)
     for name, a, b in zip(("dq", "dk", "dv", "q", "k", "v", "dout"), (*got[0], *got[1]), (*ref[0], *ref[1])):
         assert_close(a, b, torch.float64, energy_factor(q, k), name)
+
+
+def test_cpu_column_passes_keep_float32_precision_at_large_energies():
+    """The column passes (fewer images than threads) recompute P from the saved lse and use the row
+    pass's statistics: at |q.k| ~ 1e4 they too stay within twice the naive block's float32 error."""
+    backend_device("cpu")
+    q, k, v, dout, cotangents = energy_case(1e4)
+    ref = both_orders(attention_reference, q, k, v, dout, cotangents)
+    low = [x.float() for x in (q, k, v, dout)], [c.float() for c in cotangents]
+    naive = both_orders(attention_reference, *low[0], low[1])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        got = both_orders(fused("cpu"), *low[0], low[1])
+    finally:
+        torch.set_num_threads(saved)
+    for name in RESULTS:
+        fused_error, naive_error = relative_error(got[name], ref[name]), relative_error(naive[name], ref[name])
+        assert fused_error <= NAIVE_FACTOR * naive_error + FLOAT32_FLOOR, (name, fused_error, naive_error)
 
 
 @pytest.mark.parametrize("n", [64, ONE_TILE["attention"] + 1])

@@ -36,11 +36,11 @@ def _gpu_tools(monkeypatch, cuda_builds: bool, has_triton: bool):
 def test_auto_on_a_gpu_takes_each_ops_first_preferred_backend_that_is_there(cuda_builds, has_triton, monkeypatch):
     _gpu_tools(monkeypatch, cuda_builds, has_triton)
     cuda_first = "cuda" if cuda_builds else "triton" if has_triton else "torch"
-    triton_first = "triton" if has_triton else "cuda" if cuda_builds else "torch"
     assert backends.AUTO_PREFERENCE["pixelwise"]["cuda"][0] == "cuda"
     assert resolve("pixelwise", "cuda") == cuda_first
     assert resolve("pairwise", "cuda") == cuda_first
-    assert resolve("attention", "cuda", size=4096) == triton_first
+    # attention has no CUDA C++ kernels: Triton's, else the stock passes, whether nvcc is there or not
+    assert resolve("attention", "cuda", size=4096) == ("triton" if has_triton else "torch")
 
 
 def test_a_second_choice_starts_no_process_and_reads_no_environment(monkeypatch):
@@ -86,14 +86,17 @@ def test_every_backend_offers_each_ops_whole_pass_api():
             assert all(callable(getattr(table, name)) for name in names), (op, backend)
 
 
-def test_triton_borrows_only_the_stock_passes_it_lacks():
+def test_attention_passes_are_tritons_own_and_the_cuda_backend_borrows_the_stock_ones(monkeypatch):
     pytest.importorskip("triton")
     from skd_kernels.pytorch import attention as stock
     from skd_kernels.triton import attention as triton_attention
 
-    table = passes("attention", "triton")
-    assert table.double_backward is stock.double_backward
-    assert table.forward is triton_attention.forward
+    triton_table = passes("attention", "triton")
+    monkeypatch.setattr(_extension, "load_extension", lambda kind: object())  # cuda needs no kernel of its own
+    cuda_table = passes.__wrapped__("attention", "cuda")  # uncached: the stand-in module must not stay
+    for name in backends.PASS_API["attention"]:
+        assert getattr(triton_table, name) is getattr(triton_attention, name), name
+        assert getattr(cuda_table, name) is getattr(stock, name), name
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

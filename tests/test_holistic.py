@@ -229,3 +229,30 @@ def test_fused_d_step_needs_at_most_a_third_of_the_naive_peak_memory():
     peaks = cpu_peak_memory(setup, {attention: f"d_step({attention!r})" for attention in ("naive", "fused")})
     naive, fused = peaks["naive"], peaks["fused"]
     assert fused * 3 <= naive, f"fused {fused / 2**20:.0f} MB vs naive {naive / 2**20:.0f} MB"
+
+
+READS_A_VALUE_ON_THE_HOST = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_d_step_and_g_loss_never_read_a_tensor_value_on_the_host(backend, monkeypatch):
+    """On a GPU each such read is a host sync that stalls the D step (and breaks CUDA graph capture);
+    here every way Python code reads a value is made to raise. An explicit backend, so the blocks run
+    the fused passes, not the one-tile reference."""
+    _, d = official_and_ours(mode=1, dtype=torch.float32, attention="fused")
+    for block in (d.attn1, d.attn2):
+        block.backend = backend
+    student, teacher = score_maps(2, dtype=torch.float32)
+    loss = sk.HolisticDistillLoss(d, "wgan-gp", lambda_gp=10.0, weight=0.1)
+    s = student.clone().requires_grad_()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in READS_A_VALUE_ON_THE_HOST:
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    loss.d_step(student, teacher)
+    loss.g_loss(s).backward()
+    monkeypatch.undo()
+    assert s.grad is not None and bool(torch.isfinite(s.grad).all())
+    assert all(bool(torch.isfinite(p.grad).all()) for p in d.parameters() if p.grad is not None)

@@ -2,6 +2,8 @@
 which builds the M x M similarity matrices (small M here)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -204,7 +206,7 @@ def test_float32_core_is_kept_only_within_its_error_bound(family, gemm, expansio
     elif not ONEDNN_HERE:
         pytest.skip("oneDNN float32 matmul not available")
     if expansion == "plain":
-        monkeypatch.setitem(lowrank._EXPANSIONS, "difference", (lowrank._plain_expansion,))
+        monkeypatch.setitem(lowrank._EXPANSIONS, "difference", lowrank._plain_expansion)
     us, ut = family_nodes(family)
     exact, dus, dut = core.similarity_core(us, ut, "lowrank", True, True, stock_centring())
     adaptive, dus32, dut32 = core.similarity_core(us, ut, "lowrank", True, True, stock_centring(), try_float32=True)
@@ -230,7 +232,7 @@ def test_difference_expansion_stays_float32_where_the_plain_expansion_cannot(fam
     assert lowrank._plain_expansion(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring()) is None
     kept = lowrank._difference_expansion(us, ut, torch.float32, lowrank.FLOAT32_LOSS_RTOL, True, True, stock_centring())
     assert kept is not None
-    loss, grad_s, grad_t = kept
+    loss, grad_s, grad_t, _ = kept
     tiled, dus, dut = core.similarity_core(us, ut, "tiled", True, True, stock_centring())
     assert abs(float(loss) - float(tiled)) <= lowrank.FLOAT32_LOSS_RTOL * float(tiled)
     for got, ref in ((grad_s.dense(), dus.dense()), (grad_t.dense(), dut.dense())):
@@ -460,3 +462,157 @@ def test_scale_one_makes_one_node_per_image():
     student, teacher = make_features((2, 3, 4, 5, 5), torch.float64, "cpu")
     loss = sk.pairwise_distill_loss(student, teacher, scale=1.0, backend="torch")
     assert float(loss) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- GPU paths: the fused few-node pass, launches, host syncs (Triton here runs in the interpreter) ---
+
+# Configurations of at most FEW_NODES nodes, which the Triton backend serves with its fused two-launch
+# pass (triton/pairwise_few.py): (B, Cs, Ct, H, W), options, integer-valued features (ties in max windows).
+FEW_NODE_CASES = {
+    "official_65x65_3x3": ((2, 6, 10, 65, 65), dict(scale=0.5), False),
+    "official_ties": ((1, 5, 7, 33, 31), dict(scale=0.5), True),
+    "cirkd_2x2_paper_odd": ((2, 6, 5, 13, 15), dict(node_size=2, normalization="paper"), False),
+    "cirkd_2x2_paper_ties": ((1, 4, 4, 8, 16), dict(node_size=2, normalization="paper"), True),
+    "avg_paper_64_nodes": ((1, 3, 9, 16, 32), dict(node_size=(2, 4), pooling="avg", normalization="paper"), False),
+    "one_node": ((3, 4, 2, 5, 7), dict(scale=1.0), False),
+}
+
+
+def few_node_features(shape, ties, seed=21, dtype=torch.float64):
+    student, teacher = make_features(shape, torch.float64, backend_device("triton"), seed=seed, relu=True)
+    if ties:
+        student, teacher = (3 * student).round(), (3 * teacher).round()
+    return student.to(dtype), teacher.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FEW_NODE_CASES)
+def test_triton_few_node_pass_matches_fp64_reference(case, dtype):
+    shape, options, ties = FEW_NODE_CASES[case]
+    student, teacher = few_node_features(shape, ties, dtype=dtype)
+    assert_close(*fused_and_reference(student, teacher, "triton", options), dtype)
+
+
+@pytest.mark.parametrize("target_programs", [1, 10**6], ids=["every_block_in_one_program", "one_block_each"])
+def test_triton_few_node_pass_splits_channel_blocks_either_way(target_programs, monkeypatch):
+    """The second launch's programs take every few-th channel block of both sides: all of them, or one."""
+    from skd_kernels.triton import pairwise_few
+
+    monkeypatch.setattr(pairwise_few, "_TARGET_PROGRAMS", target_programs)
+    student, teacher = few_node_features((2, 70, 40, 9, 8), ties=False)
+    options = dict(node_size=3, normalization="paper")
+    assert_close(*fused_and_reference(student, teacher, "triton", options), torch.float64)
+
+
+@pytest.mark.parametrize("normalization", ["official", "paper"])
+def test_triton_few_node_pass_with_all_zero_windows_matches_reference(normalization):
+    """Zero nodes: u = 0 and the gradient d u / (0 + 1e-8) (official) or d u / 1e-12 (paper); max
+    windows of zeros pick their first position."""
+    student, teacher = few_node_features((2, 5, 3, 9, 10), ties=False)
+    student[0, :, :4, :4] = 0
+    teacher[1, :, 4:, :] = 0
+    options = dict(node_size=4, normalization=normalization)
+    assert_close(*fused_and_reference(student, teacher, "triton", options), torch.float64)
+
+
+@pytest.mark.parametrize("normalization", ["official", "paper"])
+def test_triton_few_node_pass_is_exact_when_student_is_close_to_teacher(normalization):
+    student, noise = few_node_features((1, 16, 16, 24, 24), ties=False, dtype=torch.float32)
+    teacher = student + 1e-3 * noise
+    options = dict(node_size=3, normalization=normalization)
+    (loss, gs, gt), (ref, ref_gs, ref_gt) = fused_and_reference(student, teacher, "triton", options)
+    assert 0 < float(ref.detach()) < 1e-5
+    assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-6 * float(ref.detach())
+    assert_grads_near((gs, gt), (ref_gs, ref_gt), ("grad student", "grad teacher"), torch.float32, rtol=3e-6)
+    same = student.clone().requires_grad_()
+    loss = sk.pairwise_distill_loss(same, student, node_size=3, normalization=normalization, backend="triton")
+    loss.backward()
+    assert float(loss.detach()) == 0 and float(same.grad.abs().max()) == 0  # bitwise: the same arithmetic
+
+
+def _count_triton_launches(monkeypatch):
+    """Counts launches of every pair-wise Triton kernel (each `kernel[grid](...)`)."""
+    from skd_kernels.triton import pairwise as triton_pairwise, pairwise_few, pairwise_tiled
+
+    kernels = [getattr(module, name) for module in (triton_pairwise, pairwise_few, pairwise_tiled)
+               for name in dir(module) if name.endswith("_kernel")]
+    launches = []
+    for kernel_type in {type(kernel) for kernel in kernels}:
+        original = kernel_type.__getitem__
+
+        def counted(self, grid, original=original):
+            launches.append(getattr(self, "__name__", getattr(getattr(self, "fn", None), "__name__", "?")))
+            return original(self, grid)
+
+        monkeypatch.setattr(kernel_type, "__getitem__", counted)
+    return launches
+
+
+def test_triton_official_default_is_two_launches(monkeypatch):
+    """The official 3 x 3 nodes, forward and backward of the student: the two kernels of the fused pass,
+    and nothing else on the device but the output buffers' allocation (the backward only hands the
+    stored gradient over)."""
+    launches = _count_triton_launches(monkeypatch)
+    student, teacher = few_node_features((2, 4, 6, 65, 65), ties=False, dtype=torch.float32)
+    student.requires_grad_()
+    sk.pairwise_distill_loss(student, teacher, scale=0.5, backend="triton").backward()
+    assert len(launches) == 2, launches
+
+
+NO_SYNC_CASES = {
+    "official_few_nodes": ((2, 4, 6, 65, 65), dict(scale=0.5)),
+    "lowrank_difference": ((2, 8, 8, 12, 12), dict(algorithm="lowrank")),
+    "lowrank_plain_refused": ((2, 8, 12, 12, 12), dict(algorithm="lowrank")),  # see below
+    "tiled_many_nodes": ((1, 4, 5, 9, 9), dict(algorithm="tiled")),
+}
+
+
+@pytest.mark.parametrize("case", NO_SYNC_CASES)
+def test_triton_forward_and_backward_make_no_host_sync(case, monkeypatch):
+    """Nothing in the Triton path reads a device value on the host: every Tensor -> Python conversion
+    raises during a forward and backward (the one exception: the autograd backward's check for a
+    gradient of exactly 1, taken only for CPU tensors, where it is free; the interpreter's tensors are
+    CPU tensors). The refused low-rank case makes the fallback serve, decided on the device."""
+    shape, options = NO_SYNC_CASES[case]
+    student, teacher = few_node_features(shape, ties=False, dtype=torch.float32)
+    if case == "lowrank_plain_refused":
+        # Cs != Ct, teacher an isometry of the student plus 1e-7: its similarities are the student's to
+        # 1e-7, where the plain expansion's float64 estimate refuses and the tiled fallback serves.
+        student, noise = make_features(shape, torch.float64, student.device, seed=22)
+        isometry = torch.linalg.qr(noise[0, :, :, 0])[0][:, :shape[1]]  # (Ct, Cs), orthonormal columns
+        student, teacher = student.float(), (torch.einsum("dc,bchw->bdhw", isometry, student) + 1e-7 * noise).float()
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    calls = []
+
+    def host_read(name):
+        def forbidden(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if not caller.endswith("_fused_gradient.py"):
+                calls.append(f"Tensor.{name} from {caller}:{sys._getframe(1).f_lineno}")
+                raise AssertionError(calls[-1])
+            return getattr(torch._C.TensorBase, name)(self, *args, **kwargs)
+        return forbidden
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+            patch.setattr(torch.Tensor, name, host_read(name))
+        loss = sk.pairwise_distill_loss(s, t, backend="triton", **options)
+        loss.backward()
+    assert not calls, calls
+    assert_close((loss, s.grad, t.grad), fused_and_reference(student, teacher, "torch", options)[1], torch.float32)
+
+
+def test_auto_takes_the_fused_triton_pass_for_few_nodes_on_a_gpu(monkeypatch):
+    """backends.SMALL_PREFERENCE: at most FEW_NODES nodes Triton's two launches, more the CUDA kernels."""
+    from skd_kernels import _extension, backends
+
+    monkeypatch.delenv("SKD_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    monkeypatch.setattr(_extension, "missing_tool", lambda kind: None)
+    monkeypatch.setattr(_extension, "load_extension", lambda kind: object())
+    backends.reset()
+    assert backends.resolve("pairwise", "cuda", size=9) == "triton"  # the official 3 x 3
+    assert backends.resolve("pairwise", "cuda", size=backends.FEW_NODES) == "triton"
+    assert backends.resolve("pairwise", "cuda", size=backends.FEW_NODES + 1) == "cuda"
+    assert backends.resolve("pairwise", "cpu", size=9) == "cpu"
+    backends.reset()

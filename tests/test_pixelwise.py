@@ -154,6 +154,101 @@ def test_student_close_to_teacher_matches_fp64(backend):
     assert (gs.double() - ref_gs).abs().max() <= 4 * 2.0**-23 * constant
 
 
+# --- float32 against the exact loss, across logit scales ---------------------------------------------
+# The plain float64 reference cancels too: where the student is close to the teacher its KL is a
+# difference of log-partition terms of size ~log K (relative error ~1e-16 / KL), and p_s - q_t a
+# difference of probabilities. `exact_pixelwise` evaluates the cancellation-free forms of the math
+# page in float64, the differences centred on the teacher's top class.
+
+def _log_softmax_near_one_hot(z):
+    """log softmax with log Z = log1p(sum of the non-top terms): exact for a nearly one-hot row too."""
+    x = z - z.amax(1, keepdim=True)
+    top = torch.zeros_like(x, dtype=torch.bool).scatter_(1, x.argmax(1, keepdim=True), True)
+    return x - torch.log1p(torch.where(top, 0, x.exp()).sum(1, keepdim=True))
+
+
+def _q_phi(log_q, v):
+    """q (e^v - 1 - v) and q (e^v - 1), q = exp(log_q), without cancellation for small v."""
+    q = log_q.exp()
+    series = 0.5 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (1 / 720 + v * (1 / 5040 + v / 40320)))))
+    small = v.abs() < 0.1
+    q_exp = torch.exp(log_q + v)
+    return (torch.where(small, q * v * v * series, q_exp - q - q * v),
+            torch.where(small, q * (v + v * v * series), q_exp - q))
+
+
+def exact_pixelwise(student, teacher, form, tau=1.0):
+    """(per-pixel loss (B, H, W), d loss_p / d S (B, K, H, W)) in float64, free of cancellation."""
+    s, t = student.double(), teacher.double()
+    log_p, log_q = _log_softmax_near_one_hot(s / tau), _log_softmax_near_one_hot(t / tau)
+    q = log_q.exp()
+    d = s - t
+    u = (d - d.gather(1, t.argmax(1, keepdim=True))) / tau
+    v = u - torch.where(q == 0, 0, q * u).sum(1, keepdim=True)
+    q_phi, q_expm1 = _q_phi(log_q, v)
+    b = q_phi.sum(1)
+    close = torch.isfinite(b) & (b <= 1)
+    kl = torch.where(close, torch.log1p(b), torch.where(q == 0, 0, q * (log_q - log_p)).sum(1))
+    loss = kl if form != "official" else torch.where(q == 0, 0, -q * log_p).sum(1)
+    grad = torch.where(close[:, None], (q_expm1 - q * b[:, None]) / (1 + b[:, None]), log_p.exp() - q)
+    return loss, grad / tau
+
+
+EXACT_FORMS = {"official": dict(form="official"), "kl": dict(form="kl"),
+               "kl_tau2.5_squared": dict(form="kl", tau=2.5, tau_squared=True)}
+LOGIT_SCALES = [1e-3, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4]
+
+
+def make_pair(shape, scale, regime, seed=0):
+    """float32 logits: independent, or a teacher within 1e-3 * scale of the student (`close`), also
+    offset per pixel by about 3 * scale (`close_offset`: the same distributions)."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(shape, generator=g) * scale
+    if regime == "independent":
+        return student, torch.randn(shape, generator=g) * scale
+    teacher = student + torch.randn(shape, generator=g) * (1e-3 * scale)
+    if regime == "close_offset":
+        teacher = teacher + 3 * scale * torch.randn((shape[0], 1, *shape[2:]), generator=g)
+    return student, teacher
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", LOGIT_SCALES, ids=lambda x: f"logits{x:g}")
+@pytest.mark.parametrize("regime", ["independent", "close", "close_offset"])
+@pytest.mark.parametrize("form", EXACT_FORMS)
+@pytest.mark.parametrize("shape", [(2, 19, 5, 7), (1, 150, 3, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_float32_loss_and_student_gradient_within_2e_6_of_exact(backend, scale, regime, form, shape):
+    """|L - L*| <= 2e-6 |L*| and max|g - g*| <= 2e-6 max|g*| for float32 logits, L* and g* exact.
+
+    Floors below what float32 can hold (probabilities under e^-87 are 0 there): 1e-30 for the loss,
+    1e-37 * constant / tau for the gradient."""
+    device = backend_device(backend)
+    options = EXACT_FORMS[form]
+    student, teacher = make_pair(shape, scale, regime)
+    s = student.to(device).requires_grad_()
+    loss = sk.pixelwise_distill_loss(s, teacher.to(device), backend=backend, **options)
+    loss.backward()
+    b, k, h, w = shape
+    tau = options.get("tau", 1.0)
+    constant = 1.0 / (h * w) if form == "official" else (tau * tau if options.get("tau_squared") else 1.0) / (b * h * w)
+    pixel_loss, pixel_grad = exact_pixelwise(student, teacher, options["form"], tau)
+    exact_loss, exact_grad = constant * pixel_loss.sum(), constant * pixel_grad
+    assert_loss_near(loss, exact_loss, torch.float32, rtol=2e-6, atol=1e-30)
+    assert_near(s.grad, exact_grad, "grad student", rtol=2e-6, atol=1e-37 * constant / tau, dtype=torch.float32)
+
+
+def test_exact_pixelwise_agrees_with_the_reference_where_it_does_not_cancel():
+    """The oracle above is the reference's math: equal to it where the reference is accurate."""
+    student, teacher = make_pair((2, 19, 5, 7), 2.0, "independent")
+    for form, tau, pixels in (("official", 1.0, 5 * 7), ("kl", 2.5, 2 * 5 * 7)):
+        loss, grad = exact_pixelwise(student, teacher, form, tau)
+        s = student.double().requires_grad_()
+        ref = pixelwise_distill_reference(s, teacher.double(), form=form, tau=tau)
+        (ref_grad,) = torch.autograd.grad(ref, s)
+        assert torch.allclose(loss.sum() / pixels, ref.detach(), rtol=1e-12)
+        assert torch.allclose(grad / pixels, ref_grad, rtol=1e-10, atol=1e-15)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_minus_infinity_teacher_logit_acts_as_a_zero_probability_class(backend):
     # A masked class (-inf teacher logit) must add 0 * log 0 = 0, not NaN. The plain reference

@@ -1,14 +1,12 @@
-// Binding of the fused attention passes: tensors in, AttentionProblem out, CPU or CUDA kernel.
-// The Python side passes contiguous tensors in the accumulation dtype (float32 or float64).
+// Binding of the fused attention passes: tensors in, AttentionProblem out, CPU kernel. (On a GPU the
+// Triton kernels run attention; skd_kernels/backends.py gives the cuda backend the torch passes.)
+// The Python side passes contiguous tensors in the accumulation dtype (float32 or float64); lse as
+// attention_problem.h says.
 #include "../common/attention_problem.h"
 #include "../cpu/attention.h"
 #include "common.h"
 #include "registry.h"
 #include "tensor_views.h"
-
-#ifdef SKD_WITH_CUDA
-#include "../cuda/attention.h"
-#endif
 
 namespace {
 
@@ -27,7 +25,8 @@ skd::AttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, con
   p.dtype = skd::dtype_of(q);
   p.batch = q.size(0); p.n = q.size(1); p.dk = q.size(2); p.dv = v.size(2);
   check_array(q, q, p.dk, "q"); check_array(k, q, p.dk, "k"); check_array(v, q, p.dv, "v");
-  check_array(lse, q, 1, "lse");
+  TORCH_CHECK(q.is_cpu(), "skd_kernels: the compiled attention kernels take CPU tensors (got ", q.device(), ")");
+  skd::check_buffer(lse, "lse", at::kDouble, q.size(0) * q.size(1), q.device());
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.lse = lse.data_ptr();
   return p;
 }
@@ -36,23 +35,12 @@ const void* optional_array(const std::optional<at::Tensor>& t, const at::Tensor&
   return skd::optional_buffer(t, name, q.scalar_type(), q.size(0) * q.size(1) * d, q.device());
 }
 
-void run(skd::AttentionProblem p, const at::Tensor& q, skd::Pass<skd::AttentionProblem>::Cpu cpu_pass,
-         skd::Pass<skd::AttentionProblem>::Cuda cuda_pass) {
-  // A CUDA row pass leaves its statistics here for the column pass (the CPU keeps them in std::vector).
-  at::Tensor row_stats;
-  if (q.is_cuda()) {
-    row_stats = at::empty({3, p.batch, p.n}, q.options());
-    p.row_stats = row_stats.data_ptr();
-  }
-  skd::run_on_device(q, p, cpu_pass, cuda_pass);
-}
-
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                        at::Tensor& lse) {
   skd::AttentionProblem p = make_problem(q, k, v, lse);
   check_array(out, q, p.dv, "out");
   p.out = out.data_ptr();
-  run(p, q, skd::cpu::attention_forward, SKD_CUDA_PASS(attention_forward));
+  skd::cpu::attention_forward(p);
 }
 
 void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -63,7 +51,7 @@ void attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check_array(grad_v, q, p.dv, "grad_v");
   p.dout = dout.data_ptr();
   p.grad_q = grad_q.data_ptr(); p.grad_k = grad_k.data_ptr(); p.grad_v = grad_v.data_ptr();
-  run(p, q, skd::cpu::attention_backward, SKD_CUDA_PASS(attention_backward));
+  skd::cpu::attention_backward(p);
 }
 
 void attention_double_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -81,7 +69,7 @@ void attention_double_backward(const at::Tensor& q, const at::Tensor& k, const a
   p.dout = dout.data_ptr();
   p.grad_q = grad_q.data_ptr(); p.grad_k = grad_k.data_ptr(); p.grad_v = grad_v.data_ptr();
   p.grad_dout = grad_dout.data_ptr();
-  run(p, q, skd::cpu::attention_double_backward, SKD_CUDA_PASS(attention_double_backward));
+  skd::cpu::attention_double_backward(p);
 }
 
 const skd::BindingRegistration registration([](pybind11::module_& m) {

@@ -7,7 +7,9 @@
 // a sum over keys (out, lse, dq, grad dout, the row statistics); column passes produce what is a
 // sum over queries (dk, dv), recomputing P_ij = exp(S_ij - lse_i) instead of reducing partial
 // sums across threads, so no thread-private copies of dk/dv exist and the result is deterministic.
-// The math of each pass is derived in docs/ops/attention.md.
+// The math of each pass is derived in docs/ops/attention.md; its "Precision at large energies" says
+// why lse is float64, P is formed from lse's two halves, row statistics are P-weighted means
+// accumulated in double, and the double backward's products are centred.
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -110,21 +112,68 @@ struct View {  // per-image pointers into the contiguous (batch, n, d) arrays
   }
 };
 
-// P = exp(S - lse) for a strip, in place. Row strips subtract one lse per strip row; column strips
-// (transposed) subtract lse_i along each strip row.
+// The saved lse (float64, B x N) as two T halves, lse = hi + lo. P = exp((S - hi) - lo): near the
+// row maximum S - hi is exact, so P keeps lse's precision, where exp(S - T(lse)) would carry T(lse)'s
+// rounding (~|lse| eps: 5e-4 at |S| ~ 1e4 in float32) as a relative error of every P of the row.
+// Two subtractions in T cost less than converting S to double and back.
 template <typename T>
-void probabilities(T* s, int64_t rows, int64_t n, const T* lse, bool transposed) {
+struct LseHalves {
+  std::vector<T> hi, lo;
+  explicit LseHalves(const AttentionProblem& p) : hi(size_t(p.batch * p.n)), lo(size_t(p.batch * p.n)) {
+    const double* lse = static_cast<const double*>(p.lse);
+    for (int64_t r = 0; r < p.batch * p.n; ++r) {
+      hi[r] = T(lse[r]);
+      lo[r] = T(lse[r] - double(hi[r]));
+    }
+  }
+  // Image b from row `first` on.
+  const T* hi_at(const AttentionProblem& p, int64_t b, int64_t first) const { return hi.data() + b * p.n + first; }
+  const T* lo_at(const AttentionProblem& p, int64_t b, int64_t first) const { return lo.data() + b * p.n + first; }
+};
+
+// P = exp((S - hi) - lo) for a strip, in place. Row strips subtract one lse per strip row; column
+// strips (transposed) subtract lse_i along each strip row.
+template <typename T>
+void probabilities(T* s, int64_t rows, int64_t n, const T* hi, const T* lo, bool transposed) {
   for (int64_t a = 0; a < rows; ++a) {
     T* sa = s + a * n;
     if (transposed) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) sa[i] = exp_nonpositive(sa[i] - lse[i]);
+      for (int64_t i = 0; i < n; ++i) sa[i] = exp_nonpositive((sa[i] - hi[i]) - lo[i]);
     } else {
-      const T l = lse[a];
+      const T h = hi[a], l = lo[a];
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) sa[j] = exp_nonpositive(sa[j] - l);
+      for (int64_t j = 0; j < n; ++j) sa[j] = exp_nonpositive((sa[j] - h) - l);
     }
   }
+}
+
+// Row statistics are P-weighted means sum_j P_ij x_ij / sum_j P_ij, accumulated in double: a float32
+// simd sum of n = 1024 terms keeps ~n/8 roundings, and D_i's error enters dq_i multiplied by |k|
+// (large at large energies). Dividing by the computed sum of P makes sum_j P_ij (x_ij - mean_i)
+// vanish up to rounding, so each row of dS sums to 0 (the key-bias gradient) where P is rounded.
+// The means of x and, unless nullptr, of y, in one loop.
+template <typename T>
+void weighted_means(const T* prob, int64_t n, const T* x, T& mean_x, const T* y = nullptr, T* mean_y = nullptr) {
+  double total = 0, sx = 0, sy = 0;
+  if (y) {
+#pragma omp simd reduction(+ : total, sx, sy)
+    for (int64_t j = 0; j < n; ++j) {
+      const double pj = prob[j];
+      total += pj;
+      sx += pj * x[j];
+      sy += pj * y[j];
+    }
+    *mean_y = T(sy / total);
+  } else {
+#pragma omp simd reduction(+ : total, sx)
+    for (int64_t j = 0; j < n; ++j) {
+      const double pj = prob[j];
+      total += pj;
+      sx += pj * x[j];
+    }
+  }
+  mean_x = T(sx / total);
 }
 
 template <typename T>
@@ -134,35 +183,34 @@ void forward(const AttentionProblem& p) {
   for_each_strip<T>(p, 1, [&](int64_t b, int64_t i0, int64_t r, T* s) {
     const int64_t n = p.n;
     dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, s, false);
-    T* lse = at.at(p.lse, b, i0, 1);
+    double* lse = static_cast<double*>(p.lse) + b * n + i0;
     for (int64_t a = 0; a < r; ++a) {
       T* sa = s + a * n;
       T m = -std::numeric_limits<T>::infinity();
       for (int64_t j = 0; j < n; ++j) m = std::max(m, sa[j]);
-      T z = 0;
+      double z = 0;
 #pragma omp simd reduction(+ : z)
       for (int64_t j = 0; j < n; ++j) {
         sa[j] = exp_nonpositive(sa[j] - m);
-        z += sa[j];
+        z += double(sa[j]);
       }
-      const T inv = T(1) / z;
+      const T inv = T(1.0 / z);
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) sa[j] *= inv;
-      lse[a] = m + std::log(z);
+      lse[a] = double(m) + std::log(z);  // m is exact: lse keeps log z's precision at any |S|
     }
     combine(s, r, n, at.in(p.v, b, p.dv), p.dv, at.at(p.out, b, i0, p.dv), false);
   });
 }
 
-// Row statistic D_i = sum_j P_ij dP_ij and dS = P (dP - D), in place in dp.
+// Row statistic D_i = sum_j P_ij dP_ij / sum_j P_ij and dS = P (dP - D), in place in dp.
 template <typename T>
 void softmax_gradient(const T* prob, T* dp, int64_t rows, int64_t n, T* d_out) {
   for (int64_t a = 0; a < rows; ++a) {
     const T* pa = prob + a * n;
     T* ga = dp + a * n;
-    T d = 0;
-#pragma omp simd reduction(+ : d)
-    for (int64_t j = 0; j < n; ++j) d += pa[j] * ga[j];
+    T d;
+    weighted_means(pa, n, ga, d);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) ga[j] = pa[j] * (ga[j] - d);
     d_out[a] = d;
@@ -181,13 +229,14 @@ void backward(const AttentionProblem& p) {
   // Rows: dq_i = sum_j dS_ij k_j, and D_i for the column pass (or, in one pass, the column sums
   // dk_j += dS_ij q_i, dv_j += P_ij dout_i of the strip). Each pass frees its transposed operands
   // before the next allocates its own.
+  const LseHalves<T> lse(p);
   {
     const std::vector<T> k_t = transposed<T>(p.k, p.batch, p.n, p.dk), v_t = transposed<T>(p.v, p.batch, p.n, p.dv);
     for_each_strip<T>(p, 2, [&](int64_t b, int64_t i0, int64_t r, T* s) {
       const int64_t n = p.n;
       T* dp = s + r * n;
       dots(at.row(p.q, b, i0, p.dk), r, k_t.data() + b * n * p.dk, n, p.dk, s, false);
-      probabilities(s, r, n, at.row(p.lse, b, i0, 1), false);
+      probabilities(s, r, n, lse.hi_at(p, b, i0), lse.lo_at(p, b, i0), false);
       dots(at.row(p.dout, b, i0, p.dv), r, v_t.data() + b * n * p.dv, n, p.dv, dp, false);
       softmax_gradient(s, dp, r, n, &row_d[b * n + i0]);
       combine(dp, r, n, at.in(p.k, b, p.dk), p.dk, at.at(p.grad_q, b, i0, p.dk), false);
@@ -205,7 +254,7 @@ void backward(const AttentionProblem& p) {
     T* dpt = st + r * n;
     const T* d = &row_d[b * n];
     dots(at.row(p.k, b, j0, p.dk), r, q_t.data() + b * n * p.dk, n, p.dk, st, false);
-    probabilities(st, r, n, at.in(p.lse, b, 1), true);
+    probabilities(st, r, n, lse.hi_at(p, b, 0), lse.lo_at(p, b, 0), true);
     combine(st, r, n, at.in(p.dout, b, p.dv), p.dv, at.at(p.grad_v, b, j0, p.dv), false);
     dots(at.row(p.v, b, j0, p.dv), r, dout_t.data() + b * n * p.dv, n, p.dv, dpt, false);
     for (int64_t a = 0; a < r; ++a) {
@@ -235,12 +284,12 @@ void product(const Product<T>& t, int64_t r, int64_t n, T* out, bool accumulate)
 template <typename T>
 struct StripProducts { Product<T> scores, dprob, a1, a2, b; };
 
-// The strip's four (r, n) buffers: P = exp(S - lse), dP, A, B.
+// The strip's four (r, n) buffers: P = exp(S - lse) (lse as hi + lo, see LseHalves), dP, A, B.
 template <typename T>
-void fill_strip(const StripProducts<T>& s, int64_t r, int64_t n, const T* lse, bool transposed, T* prob, T* dp,
-                T* a, T* h) {
+void fill_strip(const StripProducts<T>& s, int64_t r, int64_t n, const T* hi, const T* lo, bool transposed,
+                T* prob, T* dp, T* a, T* h) {
   product(s.scores, r, n, prob, false);
-  probabilities(prob, r, n, lse, transposed);
+  probabilities(prob, r, n, hi, lo, transposed);
   product(s.dprob, r, n, dp, false);
   product(s.a1, r, n, a, false);
   product(s.a2, r, n, a, true);
@@ -249,12 +298,15 @@ void fill_strip(const StripProducts<T>& s, int64_t r, int64_t n, const T* lse, b
 
 // Double backward, two passes as in backward(). Per pair (i, j), with the notation of
 // docs/ops/attention.md: A = gq_i.k_j + q_i.gk_j, B = dout_i.gv_j, G = P (A - Abar_i),
-// dS2 = P (H - Hbar_i), H = (dP - D_i) A - dP Abar_i + B. The row pass stores D, Abar, Hbar.
+// dS2 = P (H - Hbar_i) = P ((dP - D_i)(A - Abar_i) + B - Hc_i), Hc_i = Cov_P(dP, A)_i + Bbar_i (the
+// docs' H~_i): the centred form, free of the cancellation of C_i - 2 D_i Abar_i (D_i Abar_i ~
+// |dP| |k| |gq| grows with the energies). The row pass stores D, Abar, Hc.
 template <typename T>
 void double_backward(const AttentionProblem& p) {
   const View<T> at{p};
   const int64_t rows_total = p.batch * p.n;
-  std::vector<T> row_d(rows_total), row_abar(rows_total), row_hbar(rows_total);
+  std::vector<T> row_d(rows_total), row_abar(rows_total), row_hc(rows_total);
+  const LseHalves<T> lse(p);
   const bool one_pass = whole_images_per_thread(p);  // as in backward()
   if (one_pass) {
     std::fill_n(static_cast<T*>(p.grad_k), p.batch * p.n * p.dk, T(0));
@@ -276,28 +328,29 @@ void double_backward(const AttentionProblem& p) {
       fill_strip<T>({{q, k, p.dk}, {dout, v, p.dv}, {at.row(p.gq, b, i0, p.dk), k, p.dk},
                      {p.gk ? q : nullptr, at.image_t(gk_t, b, p.dk), p.dk},
                      {p.gv ? dout : nullptr, at.image_t(gv_t, b, p.dv), p.dv}},
-                    r, n, at.row(p.lse, b, i0, 1), false, prob, dp, a, h);
+                    r, n, lse.hi_at(p, b, i0), lse.lo_at(p, b, i0), false, prob, dp, a, h);
       for (int64_t x = 0; x < r; ++x) {
         T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
-        T d = 0, abar = 0, c = 0, bbar = 0;
-#pragma omp simd reduction(+ : d, abar, c, bbar)
+        T d, abar;
+        weighted_means(pa, n, dpa, d, aa, &abar);
+        // Hc_i = sum_j P_ij ((dP_ij - D_i)(A_ij - Abar_i) + B_ij) / sum_j P_ij from the centred products:
+        // no cancellation (see above). dS and G are final here; ha keeps the bracket until Hc_i is known.
+        double total = 0, sum = 0;
+#pragma omp simd reduction(+ : total, sum)
         for (int64_t j = 0; j < n; ++j) {
-          d += pa[j] * dpa[j];
-          abar += pa[j] * aa[j];
-          c += pa[j] * dpa[j] * aa[j];
-          bbar += pa[j] * ha[j];
+          const T dpc = dpa[j] - d, ac = aa[j] - abar, hj = dpc * ac + ha[j];
+          total += double(pa[j]);
+          sum += double(pa[j]) * double(hj);
+          ha[j] = hj;
+          aa[j] = pa[j] * ac;    // G
+          dpa[j] = pa[j] * dpc;  // dS
         }
-        const T hbar = c - 2 * d * abar + bbar;
+        const T hc = T(sum / total);
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const T hj = (dpa[j] - d) * aa[j] - dpa[j] * abar + ha[j];
-          ha[j] = pa[j] * (hj - hbar);       // dS2
-          aa[j] = pa[j] * (aa[j] - abar);    // G
-          dpa[j] = pa[j] * (dpa[j] - d);     // dS
-        }
+        for (int64_t j = 0; j < n; ++j) ha[j] = pa[j] * (ha[j] - hc);  // dS2
         row_d[b * n + i0 + x] = d;
         row_abar[b * n + i0 + x] = abar;
-        row_hbar[b * n + i0 + x] = hbar;
+        row_hc[b * n + i0 + x] = hc;
       }
       // grad q_i = sum_j (dS gk_j + dS2 k_j); grad dout_i = sum_j (G v_j + P gv_j).
       combine(h, r, n, at.in(p.k, b, p.dk), p.dk, grad_q, false);
@@ -319,21 +372,21 @@ void double_backward(const AttentionProblem& p) {
   for_each_strip<T>(p, 4, [&](int64_t b, int64_t j0, int64_t r, T* s) {
     const int64_t n = p.n;
     T *prob = s, *dp = s + r * n, *a = s + 2 * r * n, *h = s + 3 * r * n;
-    const T *d = &row_d[b * n], *abar = &row_abar[b * n], *hbar = &row_hbar[b * n];
+    const T *d = &row_d[b * n], *abar = &row_abar[b * n], *hc = &row_hc[b * n];
     const T *k = at.row(p.k, b, j0, p.dk), *q = at.image_t(q_t, b, p.dk), *dout = at.image_t(dout_t, b, p.dv);
     // The row pass's maps transposed: S^T = k q^T, dP^T = v dout^T, A^T = k gq^T + gk q^T, B^T = gv dout^T.
     fill_strip<T>({{k, q, p.dk}, {at.row(p.v, b, j0, p.dv), dout, p.dv},
                    {p.gq ? k : nullptr, at.image_t(gq_t, b, p.dk), p.dk}, {at.row(p.gk, b, j0, p.dk), q, p.dk},
                    {at.row(p.gv, b, j0, p.dv), dout, p.dv}},
-                  r, n, at.in(p.lse, b, 1), true, prob, dp, a, h);
+                  r, n, lse.hi_at(p, b, 0), lse.lo_at(p, b, 0), true, prob, dp, a, h);
     for (int64_t x = 0; x < r; ++x) {
       T *pa = prob + x * n, *dpa = dp + x * n, *aa = a + x * n, *ha = h + x * n;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
-        const T hi = (dpa[i] - d[i]) * aa[i] - dpa[i] * abar[i] + ha[i];
-        ha[i] = pa[i] * (hi - hbar[i]);
-        aa[i] = pa[i] * (aa[i] - abar[i]);
-        dpa[i] = pa[i] * (dpa[i] - d[i]);
+        const T dpc = dpa[i] - d[i], ac = aa[i] - abar[i];
+        ha[i] = pa[i] * (dpc * ac + ha[i] - hc[i]);
+        aa[i] = pa[i] * ac;
+        dpa[i] = pa[i] * dpc;
       }
     }
     T* grad_k = at.at(p.grad_k, b, j0, p.dk);

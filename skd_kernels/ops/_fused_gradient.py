@@ -28,12 +28,14 @@ def _fake_outputs(student, teacher, *options_and_flags):
             torch.empty_like(teacher) if grad_teacher else empty.clone())
 
 
-def register_fused_gradient_op(op, fused_forward, reference_loss):
+def register_fused_gradient_op(op, fused_forward, reference_loss, scale_in_place=None):
     """Registers the fake and the autograd of `op`, whose body is `fused_forward`, and returns the
     function to call it with (the op's arguments).
 
     `fused_forward(student, teacher, *options, grad_student, grad_teacher, backend)` returns the op's
-    outputs; `reference_loss(student, teacher, *options)` is its reference, for double backward.
+    outputs; `reference_loss(student, teacher, *options)` is its reference, for double backward;
+    `scale_in_place(backend)`, if given, returns a function (gradient, grad_loss) -> gradient that
+    scales on the device (skipping an incoming 1 there), or None for the plain `mul_`.
     """
     op.register_fake(_fake_outputs)
 
@@ -70,8 +72,10 @@ def register_fused_gradient_op(op, fused_forward, reference_loss):
         # loss.backward() on the CPU passes exactly 1 (checked without a device sync, and not while
         # tracing, where the value is unknown): then there is nothing to scale.
         if torch.compiler.is_compiling() or not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-            gs = gs.mul_(grad_loss) if need_s else None
-            gt = gt.mul_(grad_loss) if need_t else None
+            scale = scale_in_place(backend) if scale_in_place is not None and not torch.compiler.is_compiling() else None
+            scale = scale or (lambda g, factor: g.mul_(factor))
+            gs = scale(gs, grad_loss) if need_s else None
+            gt = scale(gt, grad_loss) if need_t else None
         return (gs if need_s else None, gt if need_t else None, *nothing)
 
     op.register_autograd(backward, setup_context=setup_context)

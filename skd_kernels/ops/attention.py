@@ -3,7 +3,7 @@ double backward's derivation included: docs/ops/attention.md.
 
 Three ops, each a pass over the attention map one tile of rows at a time (never N x N):
   skd::attention_forward(q, k, v)                        -> (out, lse)
-  skd::attention_backward(q, k, v, out, lse, dout)       -> (dq, dk, dv)
+  skd::attention_backward(q, k, v, lse, dout)            -> (dq, dk, dv)
   skd::attention_double_backward(q, k, v, lse, dout, gq, gk, gv) -> (grad q, grad k, grad v, grad dout)
 The forward's autograd calls attention_backward; attention_backward's autograd calls
 attention_double_backward, so `torch.autograd.grad(..., create_graph=True)` followed by a second
@@ -12,8 +12,8 @@ differentiating the reference.
 
 Arithmetic is float32 for float32/float16/bfloat16 input and float64 for float64: half inputs are
 converted once to float32 (O(N*C) memory) and results rounded back to the input dtype. `lse` is
-float64 for every input dtype: the passes recompute P = exp(S - lse), and a float32 lse would be off
-by |lse| * 2^-24 (6e-4 at the energies an un-scaled SAGAN block reaches).
+float64 (B, N) for every input dtype: at energies |q.k| ~ 1e3 a float32 lse is off by ~1e-4 absolute,
+which exp(S - lse) turns into a relative error of P (docs/ops/attention.md, "Precision at large energies").
 
 Eager calls run the same passes under torch.autograd.Function classes (the end of this file), not
 through the dispatcher; torch.compile traces the ops.
@@ -97,24 +97,24 @@ def _(q, k, v, backend):
 
 
 @torch.library.custom_op("skd::attention_backward", mutates_args=())
-def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       dout: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the attention for the incoming gradient dout (B, N, Dv), in the input dtype.
 
-    D_i = dout_i . out_i: the Triton kernels read it from `out` (an O(N * Dv) pass), the torch and
-    cpu passes form it from the recomputed map (exact even when `out` was rounded to half precision)."""
-    return _backward_passes(q, k, v, out, lse, dout, backend)
+    Every backend forms D_i = sum_j P_ij dP_ij from the recomputed map rather than dout_i . out_i: see
+    docs/ops/attention.md, "First derivatives"."""
+    return _backward_passes(q, k, v, lse, dout, backend)
 
 
-def _backward_passes(q, k, v, out, lse, dout, backend):
+def _backward_passes(q, k, v, lse, dout, backend):
     acc = accumulation_dtype(q)
-    grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(out, acc),
-                                                  lse.contiguous(), _acc(dout, acc))
+    grads = passes("attention", backend).backward(_acc(q, acc), _acc(k, acc), _acc(v, acc), _acc(lse, torch.float64),
+                                                  _acc(dout, acc))
     return tuple(g.to(q.dtype) for g in grads)
 
 
 @attention_backward.register_fake
-def _(q, k, v, out, lse, dout, backend):
+def _(q, k, v, lse, dout, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -130,7 +130,7 @@ def attention_double_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _double_backward_passes(q, k, v, lse, dout, gq, gk, gv, backend):
     acc = accumulation_dtype(q)
-    inputs = (lse.contiguous() if x is lse else _acc(x, acc) for x in (q, k, v, lse, dout, gq, gk, gv))
+    inputs = (_acc(x, torch.float64 if x is lse else acc) for x in (q, k, v, lse, dout, gq, gk, gv))
     grads = passes("attention", backend).double_backward(*inputs)
     return tuple(g.to(q.dtype) for g in grads)
 
@@ -146,15 +146,15 @@ def _forward_setup(ctx, inputs, output):
     q, k, v, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, lse)
     ctx.backend = backend
 
 
 def _forward_backward(ctx, dout, _dlse):
     if dout is None:
         return None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _call_backward(q, k, v, out, lse, dout.contiguous(), ctx.backend)
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = _call_backward(q, k, v, lse, dout.contiguous(), ctx.backend)
     return dq, dk, dv, None
 
 
@@ -162,18 +162,18 @@ attention_forward.register_autograd(_forward_backward, setup_context=_forward_se
 
 
 def _backward_setup(ctx, inputs, output):
-    q, k, v, out, lse, dout, backend = inputs
+    q, k, v, lse, dout, backend = inputs
     ctx.save_for_backward(q, k, v, lse, dout)
     ctx.backend = backend
 
 
 def _backward_backward(ctx, gq, gk, gv):
-    # `out` and `lse` are functions of q, k, v: the formulas differentiate through them, so those
-    # two inputs get no gradient of their own (that would count their dependence twice).
+    # `lse` is a function of q and k: the formulas differentiate through it, so it gets no gradient of
+    # its own (that would count its dependence twice).
     q, k, v, lse, dout = ctx.saved_tensors
-    need_q, need_k, need_v, _, _, need_dout, _ = ctx.needs_input_grad
+    need_q, need_k, need_v, _, need_dout, _ = ctx.needs_input_grad
     if not (need_q or need_k or need_v or need_dout) or (gq is None and gk is None and gv is None):
-        return (None,) * 7
+        return (None,) * 6
     if torch.is_grad_enabled():
         grads = _third_order_via_reference(q, k, v, dout, gq, gk, gv)
     else:
@@ -181,7 +181,7 @@ def _backward_backward(ctx, gq, gk, gv):
                            else _double_backward_passes)
         grads = double_backward(q, k, v, lse, dout, gq, gk, gv, ctx.backend)
     grad_q, grad_k, grad_v, grad_dout = grads
-    return (grad_q if need_q else None, grad_k if need_k else None, grad_v if need_v else None, None, None,
+    return (grad_q if need_q else None, grad_k if need_k else None, grad_v if need_v else None, None,
             grad_dout if need_dout else None, None)
 
 
@@ -217,9 +217,9 @@ class _EagerForward(torch.autograd.Function):
 
 class _EagerBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, out, lse, dout, backend):
-        grads = _backward_passes(q, k, v, out, lse, dout, backend)
-        _backward_setup(ctx, (q, k, v, out, lse, dout, backend), grads)
+    def forward(ctx, q, k, v, lse, dout, backend):
+        grads = _backward_passes(q, k, v, lse, dout, backend)
+        _backward_setup(ctx, (q, k, v, lse, dout, backend), grads)
         return grads
 
     @staticmethod
@@ -237,9 +237,9 @@ def _call_forward(q, k, v, backend):
     return _EagerForward.apply(q, k, v, backend) if _recording(q, k, v) else _forward_passes(q, k, v, backend)
 
 
-def _call_backward(q, k, v, out, lse, dout, backend):
+def _call_backward(q, k, v, lse, dout, backend):
     if torch.compiler.is_compiling():
-        return attention_backward(q, k, v, out, lse, dout, backend)
+        return attention_backward(q, k, v, lse, dout, backend)
     if _recording(q, k, v, dout):
-        return _EagerBackward.apply(q, k, v, out, lse, dout, backend)
-    return _backward_passes(q, k, v, out, lse, dout, backend)
+        return _EagerBackward.apply(q, k, v, lse, dout, backend)
+    return _backward_passes(q, k, v, lse, dout, backend)

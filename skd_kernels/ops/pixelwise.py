@@ -102,9 +102,10 @@ def _fused_forward(student, teacher, labels, ignore_index, tau, form, tau_square
     pixel_loss = torch.empty((b, h, w), dtype=torch.float64, device=student.device)
     gs = torch.empty_like(student) if grad_student else None
     gt = torch.empty_like(teacher) if grad_teacher else None
-    passes("pixelwise", backend).loss_and_grad(student, teacher, labels, ignore_index, 1.0 / tau,
-                                               form in _KL_FORMS, constant, pixel_loss, gs, gt)
-    loss = (pixel_loss.sum() * constant).to(accumulation_dtype(student))
+    # A pass fills pixel_loss, or (CUDA) sums it in the kernel and returns the sum.
+    total = passes("pixelwise", backend).loss_and_grad(student, teacher, labels, ignore_index, 1.0 / tau,
+                                                       form in _KL_FORMS, constant, pixel_loss, gs, gt)
+    loss = ((pixel_loss.sum() if total is None else total) * constant).to(accumulation_dtype(student))
     empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
 
@@ -124,4 +125,22 @@ def _reference(student, teacher, labels, ignore_index, tau, form, tau_squared, w
                                                 tau_squared=tau_squared, ignore_index=ignore_index)
 
 
-_call = register_fused_gradient_op(pixelwise_distill, _fused_forward, _reference)
+def _scale_in_place(backend):
+    """The CUDA pass's device-side scaling (nothing to do when the incoming gradient is 1, decided on the
+    device), for contiguous gradients; None elsewhere (the backward then multiplies)."""
+    if backend != "cuda":
+        return None
+    from .. import backends  # the CUDA extension, loaded by the forward already
+
+    device_scale = backends._extension_module("cuda").pixelwise_scale_in_place
+
+    def scale(gradient, grad_loss):
+        if gradient.is_contiguous() and grad_loss.dtype == accumulation_dtype(gradient):
+            device_scale(gradient, grad_loss)
+            return gradient
+        return gradient.mul_(grad_loss)
+
+    return scale
+
+
+_call = register_fused_gradient_op(pixelwise_distill, _fused_forward, _reference, _scale_in_place)

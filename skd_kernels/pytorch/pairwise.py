@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backends import triton_available
+from ..ops.pairwise.tiled import tiled
 from ..ops.pairwise.types import NORMALIZATION_CODE, POOLING_CODE, Centred, CentredPair, NodeGrad
 
 
@@ -90,3 +92,24 @@ def _half_sum(a, b, out):
 def _dot_mean(u, mean):
     """q = (u - mean) . mean per node, (B, M), without forming u - mean."""
     return torch.bmm(mean[:, None, :], u)[:, 0] - mean.square().sum(1, keepdim=True)
+
+
+def keep_or_tiled(us, ut, want_s, want_t, loss, grad_s, grad_t, within):
+    """(loss, grad_s, grad_t): the low-rank result where `within` (0-d bool tensor), else the tiled
+    algorithm's. On CPU tensors the host reads `within` (free there). On a GPU stock PyTorch could
+    only choose by reading it, a host sync on every call, so CUDA tensors take the Triton pass, which
+    decides on the device, wherever Triton is installed."""
+    if us.device.type == "cuda" and triton_available():
+        from ..triton.pairwise_tiled import keep_or_tiled as on_device
+
+        return on_device(us, ut, want_s, want_t, loss, grad_s, grad_t, within)
+    if bool(within):
+        return loss, grad_s, grad_t
+    return tiled(us, ut, want_s, want_t)
+
+
+def few_nodes(student, teacher, window_h, window_w, pooling, normalization, loss, grad_student,
+              grad_teacher) -> bool:
+    """The whole loss at few nodes in one fused pass: stock PyTorch has none, so it declines (False)
+    and the op runs its three passes (the Triton backend's writes the results and returns True)."""
+    return False

@@ -12,8 +12,8 @@ saved float64 log-sum-exp, so nothing N x N exists. Three launch shapes:
   one image fill the GPU; wide v (Dv = 512) never has to sit in registers whole. Sums over Dv (dP, B)
   walk Dv in chunks of DV_CHUNK instead.
 
-The forward is one launch, the backward three (D_i = dO_i . out_i, then a query-outer and a key-outer
-launch), the double backward three (row statistics; grad q with the grad dO slices; grad k with the
+The forward is one launch, the backward three (the row statistic D_i, then a query-outer and a
+key-outer launch), the double backward three (row statistics; grad q with the grad dO slices; grad k with the
 grad v slices).
 
 Precision. float64 runs float64 throughout. For float32, S = q . k, which the softmax exponentiates
@@ -44,12 +44,21 @@ FP32_DOT_PRECISION = "tf32x3"
 # --- tiles ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _mask(rows, cols, N, D: tl.constexpr, WIDTH: tl.constexpr):
+    # Column slices start at multiples of WIDTH: when WIDTH divides D no column is out of range, and a
+    # mask that is constant along the row lets the loads be vectorised.
+    if D % WIDTH == 0:
+        return (rows[:, None] < N) & (cols[None, :] >= 0)
+    return (rows[:, None] < N) & (cols[None, :] < D)
+
+
+@triton.jit
 def _load(ptr, b, rows, N, col0, D: tl.constexpr, WIDTH: tl.constexpr):
-    """Rows `rows`, columns [col0, col0 + WIDTH) of image b of a contiguous (B, N, D) tensor; 0 outside."""
+    """Rows `rows`, columns [col0, col0 + WIDTH) of image b of a contiguous (B, N, D) tensor; 0 outside.
+    col0 is a multiple of WIDTH."""
     cols = col0 + tl.arange(0, WIDTH)
     base = ptr + b.to(tl.int64) * N * D
-    return tl.load(base + rows[:, None] * D + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < D),
-                   other=0.0)
+    return tl.load(base + rows[:, None] * D + cols[None, :], mask=_mask(rows, cols, N, D, WIDTH), other=0.0)
 
 
 @triton.jit
@@ -57,7 +66,7 @@ def _store(ptr, tile, b, rows, N, col0, D: tl.constexpr, WIDTH: tl.constexpr):
     cols = col0 + tl.arange(0, WIDTH)
     base = ptr + b.to(tl.int64) * N * D
     tl.store(base + rows[:, None] * D + cols[None, :], tile.to(ptr.dtype.element_ty),
-             mask=(rows[:, None] < N) & (cols[None, :] < D))
+             mask=_mask(rows, cols, N, D, WIDTH))
 
 
 @triton.jit
@@ -134,14 +143,29 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, N, DK: tl.constexpr, 
 # --- backward -------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_dot_kernel(x_ptr, y_ptr, d_ptr, N, DV: tl.constexpr, BLOCK_M: tl.constexpr, DV_CHUNK: tl.constexpr):
-    """D_i = x_i . y_i for (B, N, Dv) tensors (D = dO . out); grid (row blocks, B)."""
+def _backward_rows_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d_ptr, N, DK: tl.constexpr, DV: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                          DV_CHUNK: tl.constexpr, SPLIT_LSE: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (query blocks, B): D_i = sum_j P_ij dP_ij / sum_j P_ij, from the same P and dP tiles the
+    dq and dk kernels recompute. FlashAttention's dO_i . out_i is cheaper but rounds differently from
+    the dP_ij it is subtracted from: at a saturated row dP - D is pure rounding noise of size
+    eps |dO| |v|, ten times the naive block's error at |S| ~ 1e4. Dividing by the computed sum_j P_ij
+    makes each row of dS sum to 0 up to rounding (the key-bias gradient)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     b = tl.program_id(1)
-    d = tl.zeros([BLOCK_M], d_ptr.dtype.element_ty)
-    for c in tl.static_range(0, DV, DV_CHUNK):
-        d += tl.sum(_load(x_ptr, b, rows, N, c, DV, DV_CHUNK) * _load(y_ptr, b, rows, N, c, DV, DV_CHUNK), 1)
-    tl.store(d_ptr + b.to(tl.int64) * N + rows, d, mask=rows < N)
+    q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
+    lse = _load_row(lse_ptr, b, rows, N)
+    weight = tl.zeros([BLOCK_M], q.dtype)
+    pdp = tl.zeros([BLOCK_M], q.dtype)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
+        p = _probabilities(_mm_ieee(q, tl.trans(k)), lse[:, None], (keys < N)[None, :], SPLIT_LSE)
+        dp = _sum_over_dv(dout_ptr, v_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION,
+                          tl.zeros([BLOCK_M, BLOCK_N], q.dtype))
+        weight += tl.sum(p, 1)
+        pdp += tl.sum(p * dp, 1)
+    tl.store(d_ptr + b.to(tl.int64) * N + rows, pdp / tl.where(weight > 0, weight, 1.0), mask=rows < N)
 
 
 @triton.jit
@@ -391,26 +415,38 @@ def _double_backward_keys_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_ptr,
 
 # --- launchers ------------------------------------------------------------------------------------
 
-def _config(x: torch.Tensor, d_k: int, d_v: int) -> dict:
-    """Tile sizes (tl.dot needs every dimension >= 16) and the dot precision for the accumulation dtype."""
+def _config(x: torch.Tensor, d_k: int, d_v: int, keys_outer: bool = False) -> dict:
+    """Tile sizes and dot precision for the accumulation dtype. tl.dot needs every dimension >= 16.
+    float32: the walked side is 32 wide and the owned side 64 (a wgmma is 64 rows), 4 warps, Dv in
+    chunks of 32: of the shapes compiled for sm_90a (scripts/aot_check.py) the one with the fewest
+    spills. The forward keeps 64 x 64 tiles on 8 warps (no spills at Dk = 32)."""
     fp64 = x.dtype == torch.float64
-    block = 32 if fp64 else 64
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
-                DV_CHUNK=min(max(16, triton.next_power_of_2(d_v)), 32 if fp64 else 64),
-                PRECISION="ieee" if fp64 else FP32_DOT_PRECISION, num_warps=4 if fp64 else 8)
+    owned, walked = (32, 32) if fp64 else (64, 32)
+    rows, keys = (walked, owned) if keys_outer else (owned, walked)
+    return dict(BLOCK_M=rows, BLOCK_N=keys, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
+                DV_CHUNK=min(max(16, triton.next_power_of_2(d_v)), 32),
+                PRECISION="ieee" if fp64 else FP32_DOT_PRECISION, num_warps=4)
+
+
+def _forward_config(x: torch.Tensor, d_k: int, d_v: int) -> dict:
+    config = _config(x, d_k, d_v)
+    del config["DV_CHUNK"]
+    if x.dtype != torch.float64:
+        config.update(BLOCK_M=64, BLOCK_N=64, num_warps=8)
+    return config
 
 
 _MULTIPROCESSORS: dict = {}
 
 
-def _slice_dv(x: torch.Tensor, programs: int, d_v: int) -> int:
+def _slice_dv(x: torch.Tensor, programs: int, d_v: int, widest: int = 64) -> int:
     """The Dv slice width: as wide as possible (each slice recomputes P) but narrow enough that
-    `programs` x slices fills the GPU twice over; at most 128 columns (registers), at least 32."""
+    `programs` x slices fills the GPU twice over; at most `widest` columns (registers), at least 32."""
     device = x.device
     if device not in _MULTIPROCESSORS:
         _MULTIPROCESSORS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
                                     if device.type == "cuda" else 132)
-    width = min(128, max(16, triton.next_power_of_2(d_v)))
+    width = min(widest, max(16, triton.next_power_of_2(d_v)))
     while width > 32 and programs * triton.cdiv(d_v, width) < 2 * _MULTIPROCESSORS[device]:
         width //= 2
     return width
@@ -426,32 +462,30 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     b, n, d_k, d_v = _sizes(q, v)
     out = q.new_empty((b, n, d_v))
     lse = q.new_empty((b, n), dtype=torch.float64)
-    config = _config(q, d_k, d_v)
-    config.pop("DV_CHUNK")
+    config = _forward_config(q, d_k, d_v)
     blocks = triton.cdiv(n, config["BLOCK_M"])
-    width = _slice_dv(q, blocks * b, d_v)
+    width = _slice_dv(q, blocks * b, d_v, widest=128)
     with on_device(q):
         _forward_kernel[(blocks, triton.cdiv(d_v, width), b)](
             q, k, v, out, lse, n, DK=d_k, DV=d_v, SLICE_DV=width, **config)
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout):
+def backward(q, k, v, lse, dout):
     """First derivatives (dq, dk, dv) for the incoming gradient dout (B, N, Dv)."""
     b, n, d_k, d_v = _sizes(q, v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     row_d = q.new_empty((b, n))
-    config = _config(q, d_k, d_v)
+    rows, keys = _config(q, d_k, d_v), _config(q, d_k, d_v, keys_outer=True)
     split = q.dtype != torch.float64
-    blocks = triton.cdiv(n, config["BLOCK_M"])
-    width = _slice_dv(q, blocks * b, d_v)
+    row_blocks, key_blocks = triton.cdiv(n, rows["BLOCK_M"]), triton.cdiv(n, keys["BLOCK_N"])
+    width = _slice_dv(q, key_blocks * b, d_v)
     with on_device(q):
-        _row_dot_kernel[(blocks, b)](dout, out, row_d, n, DV=d_v, BLOCK_M=config["BLOCK_M"],
-                                     DV_CHUNK=config["DV_CHUNK"])
-        _backward_queries_kernel[(blocks, b)](q, k, v, lse, dout, row_d, dq, n, DK=d_k, DV=d_v,
-                                              SPLIT_LSE=split, **config)
-        _backward_keys_kernel[(triton.cdiv(n, config["BLOCK_N"]), 1 + triton.cdiv(d_v, width), b)](
-            q, k, v, lse, dout, row_d, dk, dv, n, DK=d_k, DV=d_v, SLICE_DV=width, SPLIT_LSE=split, **config)
+        _backward_rows_kernel[(row_blocks, b)](q, k, v, lse, dout, row_d, n, DK=d_k, DV=d_v, SPLIT_LSE=split, **rows)
+        _backward_queries_kernel[(row_blocks, b)](
+            q, k, v, lse, dout, row_d, dq, n, DK=d_k, DV=d_v, SPLIT_LSE=split, **rows)
+        _backward_keys_kernel[(key_blocks, 1 + triton.cdiv(d_v, width), b)](
+            q, k, v, lse, dout, row_d, dk, dv, n, DK=d_k, DV=d_v, SLICE_DV=width, SPLIT_LSE=split, **keys)
     return dq, dk, dv
 
 
@@ -466,17 +500,17 @@ def double_backward(q, k, v, lse, dout, gq, gk, gv):
     if not any(has.values()):
         return grad_q, grad_k, grad_v, grad_dout
     cotangents = [q if g is None else g for g in (gq, gk, gv)]  # a pointer the kernel never reads
-    config = _config(q, d_k, d_v)
+    rows, keys = _config(q, d_k, d_v), _config(q, d_k, d_v, keys_outer=True)
     split = q.dtype != torch.float64
     stats = q.new_empty((4, b, n))
-    blocks = triton.cdiv(n, config["BLOCK_M"])
-    width = _slice_dv(q, blocks * b, d_v)
-    common = dict(DK=d_k, DV=d_v, SPLIT_LSE=split, **has, **config)
-    key_slices = triton.cdiv(d_v, width) if has["HAS_A"] else 0  # G = 0 without them
+    row_blocks, key_blocks = triton.cdiv(n, rows["BLOCK_M"]), triton.cdiv(n, keys["BLOCK_N"])
+    row_width, key_width = _slice_dv(q, row_blocks * b, d_v), _slice_dv(q, key_blocks * b, d_v)
+    common = dict(DK=d_k, DV=d_v, SPLIT_LSE=split, **has)
+    key_slices = triton.cdiv(d_v, key_width) if has["HAS_A"] else 0  # G = 0 without them
     with on_device(q):
-        _double_backward_rows_kernel[(blocks, b)](q, k, v, lse, dout, *cotangents, stats, b, n, **common)
-        _double_backward_queries_kernel[(blocks, 1 + triton.cdiv(d_v, width), b)](
-            q, k, v, lse, dout, *cotangents, stats, grad_q, grad_dout, b, n, SLICE_DV=width, **common)
-        _double_backward_keys_kernel[(triton.cdiv(n, config["BLOCK_N"]), 1 + key_slices, b)](
-            q, k, v, lse, dout, *cotangents, stats, grad_k, grad_v, b, n, SLICE_DV=width, **common)
+        _double_backward_rows_kernel[(row_blocks, b)](q, k, v, lse, dout, *cotangents, stats, b, n, **common, **rows)
+        _double_backward_queries_kernel[(row_blocks, 1 + triton.cdiv(d_v, row_width), b)](
+            q, k, v, lse, dout, *cotangents, stats, grad_q, grad_dout, b, n, SLICE_DV=row_width, **common, **rows)
+        _double_backward_keys_kernel[(key_blocks, 1 + key_slices, b)](
+            q, k, v, lse, dout, *cotangents, stats, grad_k, grad_v, b, n, SLICE_DV=key_width, **common, **keys)
     return grad_q, grad_k, grad_v, grad_dout

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .launch import on_device
+from .pairwise_tiled import keep_or_tiled  # noqa: F401 (a pass: the low-rank fallback decided on the device)
 
 _BLOCK_C = 32
 _BLOCK_N = 64
@@ -118,6 +119,19 @@ def _window_pool_kernel(
     node = tl.program_id(0)
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
+    acc, best = pool_window(x_ptr, b, chan, node, C, H, W, NW, KH, KW, x_sb, x_sc, x_sh, x_sw, POOLING, BLOCK_C,
+                            BLOCK_W)
+    u_off = (b * C + chan) * M + node
+    tl.store(u_ptr + u_off, acc, mask=chan < C)
+    if ARGMAX:
+        tl.store(arg_ptr + u_off, best, mask=chan < C)
+
+
+@triton.jit
+def pool_window(x_ptr, b, chan, node, C, H, W, NW, KH, KW, x_sb, x_sc, x_sh, x_sw, POOLING: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Pools one node's window for channels `chan` (BLOCK_C,): float64 max or mean (none: the one
+    position), and for max the flat h * W + w position of the pick."""
     c_mask = chan < C
     h0, w0 = _window(node, NW, KH, KW)
     h1 = tl.minimum(h0 + KH, H)
@@ -153,10 +167,7 @@ def _window_pool_kernel(
                 acc += tl.sum(tl.where(inside, v, 0.0), axis=1)
     if POOLING == 2:
         acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float64)
-    u_off = (b * C + chan) * M + node
-    tl.store(u_ptr + u_off, acc, mask=c_mask)
-    if ARGMAX:
-        tl.store(arg_ptr + u_off, best, mask=c_mask)
+    return tl.where(c_mask, acc, 0.0), best
 
 
 @triton.jit
@@ -277,7 +288,20 @@ def _window_backward_kernel(
         dp = dp / ((h1 - h0) * (w1 - w0)).to(tl.float64)
     if g_ptr.dtype.element_ty != tl.float64:  # the interpreter mis-converts f64 -> bf16
         dp = dp.to(tl.float32)
-    best = tl.load(arg_ptr + u_off, mask=c_mask, other=-1) if POOLING == 1 else None
+    best = tl.load(arg_ptr + u_off, mask=c_mask, other=-1) if POOLING == 1 else best_unused(BLOCK_C)
+    scatter_window(g_ptr, dp, best, b, chan, c_mask, h0, w0, h1, w1, W, g_sb, g_sc, g_sh, g_sw, POOLING, BLOCK_W)
+
+
+@triton.jit
+def best_unused(BLOCK_C: tl.constexpr):
+    return tl.zeros((BLOCK_C,), dtype=tl.int32)
+
+
+@triton.jit
+def scatter_window(g_ptr, dp, best, b, chan, c_mask, h0, w0, h1, w1, W, g_sb, g_sc, g_sh, g_sw,
+                   POOLING: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Writes a node's pooled gradient dp (BLOCK_C,) over its window: all of it to the maximum at
+    `best` (max; zeros elsewhere), or evenly (avg: dp already divided by the window's size)."""
     for h in range(h0, h1):
         for w_start in range(w0, w1, BLOCK_W):
             w = w_start + tl.arange(0, BLOCK_W)
@@ -348,3 +372,11 @@ def nodes_backward(features, window_h, window_w, pooling, norm, nodes, inv_norm,
     else:
         _launch(_nodes_backward_kernel, features, window_h, window_w, pooling, norm, tensors,
                 grad_features.stride(), MEAN_TERMS=mean_terms)
+
+
+def few_nodes(*args) -> bool:
+    """The whole loss at few nodes in two launches (`pairwise_few.few_nodes`, which builds on the
+    kernels above: imported at the call, so either module may be imported first)."""
+    from .pairwise_few import few_nodes as fused
+
+    return fused(*args)

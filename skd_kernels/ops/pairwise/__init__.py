@@ -18,11 +18,12 @@ from typing import Optional
 import torch
 
 from ... import _validation as check
-from ...backends import passes, resolve
+from ...backends import FEW_NODES, passes, resolve
 from ...reference import accumulation_dtype, official_pairwise_window, pairwise_distill_reference
 from .._fused_gradient import register_fused_gradient_op
 from .core import Centring, choose_algorithm, similarity_core
 from .nodes import Nodes, node_count
+from .types import NORMALIZATION_CODE, POOLING_CODE
 
 POOLINGS = ("max", "avg", "none")
 NORMALIZATIONS = ("official", "paper")
@@ -97,7 +98,7 @@ def pairwise_distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, scale
         pooling = "none"  # a 1x1 window pools nothing
     elif pooling == "none":
         raise ValueError(f"pooling='none' needs 1x1 nodes, but the node window is {(window_h, window_w)}")
-    name = resolve("pairwise", student.device.type, backend)
+    name = resolve("pairwise", student.device.type, backend, size=node_count(*student.shape[2:], (window_h, window_w)))
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = _call(student, teacher, window_h, window_w, pooling, normalization, algorithm,
                        grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad, name)
@@ -117,14 +118,24 @@ def _fused_forward(student, teacher, window_h, window_w, pooling, normalization,
     b, _, h, w = student.shape
     window = (window_h, window_w)
     m = node_count(h, w, window)
-    if algorithm == "auto":
-        algorithm = choose_algorithm(m, student.shape[1], teacher.shape[1], want_t)
     node_passes = passes("pairwise", backend)
-    centring = Centring(node_passes)
-    # float32 products first where they are fast and usually exact enough (see core.py).
-    try_float32 = student.device.type == "cpu" and student.dtype != torch.float64
     gs = torch.empty_like(student) if want_s else None
     gt = torch.empty_like(teacher) if want_t else None
+    empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
+    if m <= FEW_NODES and algorithm != "lowrank":
+        # The whole loss in one fused pass where the backend has one (Triton): at few nodes the loss
+        # costs its launches. The others decline and run the three passes below.
+        loss = student.new_empty((), dtype=accumulation_dtype(student))
+        if node_passes.few_nodes(student, teacher, window_h, window_w, POOLING_CODE[pooling],
+                                 NORMALIZATION_CODE[normalization], loss, gs, gt):
+            return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
+    if algorithm == "auto":
+        algorithm = choose_algorithm(m, student.shape[1], teacher.shape[1], want_t)
+    centring = Centring(node_passes)
+    # float32 products first where they are fast and usually exact enough (see core.py); only on
+    # CPU backends, whose host decides for free (Triton on CPU tensors is the interpreter standing in
+    # for a GPU: it takes the GPU's path).
+    try_float32 = student.device.type == "cpu" and student.dtype != torch.float64 and backend != "triton"
     total = None
     for images in _image_tiles(student, teacher, m):
         ns = Nodes(student[images], window, pooling, normalization, node_passes, need_grad=want_s)
@@ -138,7 +149,6 @@ def _fused_forward(student, teacher, window_h, window_w, pooling, normalization,
             nt.backward(grad_t, 1.0 / (m * m * b), gt[images])
         del ns, nt, grad_s, grad_t
     loss = total.mul(1.0 / (m * m * b)).to(accumulation_dtype(student))
-    empty = student.new_empty(0)  # "not computed"; a custom op may not return one tensor twice
     return loss, gs if gs is not None else empty, gt if gt is not None else empty.clone()
 
 

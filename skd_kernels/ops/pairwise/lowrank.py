@@ -3,7 +3,7 @@ memory, with an a-posteriori rounding-error estimate that decides whether a resu
 The derivation (centring, the mean terms, the plain and difference expansions): docs/ops/pairwise.md."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -15,7 +15,7 @@ class Centring:
     """How the low-rank algorithm centres nodes: the backend's `centre` and `centre_pair` passes
     (fused on the CPU, stock ops elsewhere), and one [S; E] buffer per dtype reused by every tile
     of images of a call (on a CPU, first-touch page faults of a fresh one cost as much as the
-    centring itself)."""
+    centring itself); and how it keeps a result or falls back to the tiled algorithm (`keep_or_tiled`)."""
 
     def __init__(self, passes):
         self._passes = passes
@@ -33,6 +33,11 @@ class Centring:
             out = self._stacked[dtype] = torch.empty(shape, dtype=dtype, device=us.device)
         return self._passes.centre_pair(us, ut, out)
 
+    def keep_or_tiled(self, us: torch.Tensor, ut: torch.Tensor, want_s: bool, want_t: bool, result):
+        """(loss, grad_s, grad_t): the low-rank `result` where its estimate is within bound, else the
+        tiled algorithm's, by the backend's `keep_or_tiled` pass (decided on the device on a GPU)."""
+        return self._passes.keep_or_tiled(us, ut, want_s, want_t, *result)
+
 
 # A low-rank result is kept when its estimated relative error is below these: float32 (CPU, for
 # non-float64 input) at about the rounding error of the official formula itself evaluated in
@@ -41,9 +46,10 @@ FLOAT32_LOSS_RTOL = 1e-5
 FLOAT64_LOSS_RTOL = 1e-10
 
 
-def lowrank(us, ut, want_s, want_t, try_float32, centring):
-    """The low-rank algorithm on centred nodes, or None when even its float64 rounding error would
-    exceed FLOAT64_LOSS_RTOL.
+def lowrank(us, ut, want_s, want_t, try_float32, centring) -> "LowRank":
+    """The low-rank algorithm on centred nodes: a `LowRank` result whose `within` (a 0-d bool tensor)
+    says whether its estimated rounding error is within the bound of its dtype. The caller keeps it or
+    falls back to the tiled algorithm (`Centring.keep_or_tiled`), on the device: no host sync.
 
     With c the mean node and r_i = u_i - c (so sum_i r_i = 0), A = 1 1^T c.c + 1 p^T + p 1^T + R R^T,
     p = R c. The difference D = A^s - A^t splits into E (the first three terms, rank <= 3) and
@@ -55,18 +61,25 @@ def lowrank(us, ut, want_s, want_t, try_float32, centring):
     `_plain_expansion` (Grams of Rs and Rt), whose rounding error scales with ||R||^2 and so cancels
     when the student is close to the teacher; and, for Cs == Ct, `_difference_expansion` (Grams of
     (Rs + Rt) / 2 and Rs - Rt), whose error scales with ||Rs - Rt|| (the only one tried for
-    Cs == Ct: never much less exact than the plain expansion, and as fast). In float32 (try_float32),
+    Cs == Ct: never much less exact than the plain expansion, and as fast). With try_float32 (CPU)
+    first in float32, kept on the host's decision (free there, and it saves the float64 work);
     then in float64.
     """
-    expansions = _EXPANSIONS["difference" if us.shape[1] == ut.shape[1] else "plain"]
-    for dtype, rtol in ((torch.float32, FLOAT32_LOSS_RTOL), (torch.float64, FLOAT64_LOSS_RTOL)):
-        if dtype == torch.float32 and not try_float32:
-            continue
-        for expansion in expansions:
-            result = expansion(us, ut, dtype, rtol, want_s, want_t, centring)
-            if result is not None:
-                return result
-    return None
+    expansion = _EXPANSIONS["difference" if us.shape[1] == ut.shape[1] else "plain"]
+    if try_float32:
+        result = expansion(us, ut, torch.float32, FLOAT32_LOSS_RTOL, want_s, want_t, centring)
+        if result is not None:
+            return result
+    return expansion(us, ut, torch.float64, FLOAT64_LOSS_RTOL, want_s, want_t, centring, host_decides=False)
+
+
+class LowRank(NamedTuple):
+    """A low-rank result: the loss (0-d float64), NodeGrad or None per side, and whether the error
+    estimate is within bound (0-d bool tensor; NaN is not)."""
+    loss: torch.Tensor
+    grad_s: Optional[NodeGrad]
+    grad_t: Optional[NodeGrad]
+    within: torch.Tensor
 
 
 class _MeanTerms(NamedTuple):
@@ -93,10 +106,10 @@ class _MeanTerms(NamedTuple):
         return NodeGrad(residual, bias, 4 * sign * m * mean, self.q)
 
 
-def _plain_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
+def _plain_expansion(us, ut, dtype, rtol, want_s, want_t, centring, host_decides=True):
     """||F||^2 = ||Gss||^2 + ||Gtt||^2 - 2 ||Gst||^2 on the stacked residuals R = [Rs; Rt]
     (B, Cs + Ct, M): one Gram G = R R^T holds Gss, Gst and Gtt, and each gradient is one product
-    with R. None when the estimated error exceeds rtol."""
+    with R. A `LowRank`; with host_decides, None instead when the estimated error exceeds rtol."""
     b, cs, m = us.shape
     stacked = torch.empty((b, cs + ut.shape[1], m), dtype=dtype, device=us.device)
     s, t = centring.centre(us, stacked[:, :cs]), centring.centre(ut, stacked[:, cs:])
@@ -106,7 +119,8 @@ def _plain_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
     sign[cs:] = -1
     loss_f, estimate = _plain_gram_loss(gram, sign, s.sumsq, t.sumsq, m, unit_roundoff=torch.finfo(dtype).eps / 2)
     loss = mean.loss + loss_f
-    if not bool(estimate <= rtol * loss):  # NaN fails too
+    within = estimate <= rtol * loss  # NaN fails too
+    if host_decides and not bool(within):  # a host sync: only on CPU tensors, where it is free
         return None
     # F Us = Rs Gss - Rt Gts in node-row layout (Rs^T Us = Rs^T Rs since Rs^T 1 = 0), i.e.
     # [Gss, -Gst] R in columns; d/dUt = -4 D Ut: F Ut = -[Gts, -Gtt] R.
@@ -116,16 +130,17 @@ def _plain_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
         grad_s = mean.grad(times_stacked(signed[:, :cs], stacked), 1.0, s.mean, _times(s.residual, mean.q))
     if want_t:
         grad_t = mean.grad(times_stacked(signed[:, cs:].neg(), stacked), -1.0, t.mean, _times(t.residual, mean.q))
-    return loss, grad_s, grad_t
+    return LowRank(loss, grad_s, grad_t, within)
 
 
-def _difference_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
+def _difference_expansion(us, ut, dtype, rtol, want_s, want_t, centring, host_decides=True):
     """||F||^2 for Cs == Ct from S = (Rs + Rt) / 2 and E = Rs - Rt, so that F = S^T E + E^T S (node
     space) and ||F||^2 = 2 <S S^T, E E^T> + 2 <H, H^T>, H = E S^T: each term is of size
     ||S||^2 ||E||^2, and so is its rounding error; nothing cancels however close the student is to
     the teacher. Stacked Z = [S; E] (B, 2C, M), one Gram Z Z^T = [[S S^T, H^T], [H, E E^T]].
     Gradients: F Rs = (Rs S^T) E + (Rs E^T) S with Rs S^T = S S^T + H / 2, Rs E^T = H^T + E E^T / 2;
-    for Rt the halves change sign. None when the estimated error exceeds rtol."""
+    for Rt the halves change sign. A `LowRank`; with host_decides, None instead when the estimated
+    error exceeds rtol."""
     b, c, m = us.shape
     pair = centring.centre_pair(us, ut, dtype)
     z = pair.stacked
@@ -135,7 +150,8 @@ def _difference_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
     loss_f, estimate = _difference_gram_loss(gram, sumsq[:, :c], sumsq[:, c:], m,
                                              unit_roundoff=torch.finfo(dtype).eps / 2)
     loss = mean.loss + loss_f
-    if not bool(estimate <= rtol * loss):
+    within = estimate <= rtol * loss
+    if host_decides and not bool(within):
         return None
     # [Rs S^T, Rs E^T] = G[:C] + G[C:] / 2 = [S S^T + H / 2, H^T + E E^T / 2]; the gradient takes
     # them against [E; S], i.e. the column halves swapped against Z = [S; E].
@@ -149,12 +165,12 @@ def _difference_expansion(us, ut, dtype, rtol, want_s, want_t, centring):
         blocks = torch.add(gram[:, :c], gram[:, c:], alpha=0.5 * sign).mul_(4 * sign)
         blocks = torch.cat([blocks[..., c:], blocks[..., :c]], 2)
         grads.append(mean.grad(times_stacked(blocks, z), sign, centre_mean, zq[:, :c] + 0.5 * sign * zq[:, c:]))
-    return loss, grads[0], grads[1]
+    return LowRank(loss, grads[0], grads[1], within)
 
 
-# Which expansions the low-rank core tries, in order: the difference expansion is never much less exact than
-# the plain one (|S|, |E| <= |R|), so it alone serves Cs == Ct.
-_EXPANSIONS = {"plain": (_plain_expansion,), "difference": (_difference_expansion,)}
+# Which expansion the low-rank core uses: the difference expansion is never much less exact than the
+# plain one (|S|, |E| <= |R|), so it alone serves Cs == Ct.
+_EXPANSIONS = {"plain": _plain_expansion, "difference": _difference_expansion}
 
 
 def _times(residual, q):
