@@ -75,10 +75,23 @@ def _load_row(ptr, b, rows, N):
 
 
 @triton.jit
-def _mm_ieee(x, y):
-    """Products over Dk (S = q . k, and A = gq . k + q . gk): IEEE, because the softmax exponentiates
-    S and the double backward centres A (A - Abar); both are cheap next to the products over Dv."""
-    return tl.dot(x, y, input_precision="ieee", out_dtype=x.dtype)
+def _dot_over_dk(x_ptr, y_ptr, b, x_rows, y_rows, N, DK: tl.constexpr, BLOCK_DK: tl.constexpr, acc):
+    """acc + X[x_rows] Y[y_rows]^T for (B, N, Dk) tensors: the products over Dk (S = q . k, and
+    A = gq . k + q . gk). IEEE, because the softmax exponentiates S and the double backward centres
+    A; cheap next to the products over Dv. An IEEE float32 product runs on FMAs, whose operands sit
+    in registers whole rows at a time, so the operands come 16 columns at a time (reloads hit the
+    cache) into one accumulation: a (64, Dk) operand tile held across the loop spilled."""
+    for c in tl.static_range(0, BLOCK_DK, 16):
+        acc = tl.dot(_load(x_ptr, b, x_rows, N, c, DK, 16), tl.trans(_load(y_ptr, b, y_rows, N, c, DK, 16)), acc,
+                     input_precision="ieee", out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _energies(x_ptr, y_ptr, b, x_rows, y_rows, N, DK: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """The (x_rows, y_rows) tile of X Y^T over Dk: S with (q, k), S^T with (k, q)."""
+    zeros = tl.zeros([x_rows.shape[0], y_rows.shape[0]], x_ptr.dtype.element_ty)
+    return _dot_over_dk(x_ptr, y_ptr, b, x_rows, y_rows, N, DK, BLOCK_DK, zeros)
 
 
 @triton.jit
@@ -120,13 +133,13 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, N, DK: tl.constexpr, 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * SLICE_DV
     b = tl.program_id(2)
-    q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
-    m = tl.full([BLOCK_M], float("-inf"), q.dtype)
-    z = tl.zeros([BLOCK_M], q.dtype)
-    acc = tl.zeros([BLOCK_M, SLICE_DV], q.dtype)
+    dtype = q_ptr.dtype.element_ty
+    m = tl.full([BLOCK_M], float("-inf"), dtype)
+    z = tl.zeros([BLOCK_M], dtype)
+    acc = tl.zeros([BLOCK_M, SLICE_DV], dtype)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s = _mm_ieee(q, tl.trans(_load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)))
+        s = _energies(q_ptr, k_ptr, b, rows, keys, N, DK, BLOCK_DK)
         s = tl.where((keys < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile has a key (the first has key 0)
         alpha = tl.exp(m - m_new)  # 0 on the first tile, where m = -inf
@@ -153,16 +166,16 @@ def _backward_rows_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d_ptr, N, DK: 
     makes each row of dS sum to 0 up to rounding (the key-bias gradient)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     b = tl.program_id(1)
-    q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
+    dtype = q_ptr.dtype.element_ty
     lse = _load_row(lse_ptr, b, rows, N)
-    weight = tl.zeros([BLOCK_M], q.dtype)
-    pdp = tl.zeros([BLOCK_M], q.dtype)
+    weight = tl.zeros([BLOCK_M], dtype)
+    pdp = tl.zeros([BLOCK_M], dtype)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
-        p = _probabilities(_mm_ieee(q, tl.trans(k)), lse[:, None], (keys < N)[None, :], SPLIT_LSE)
+        s = _energies(q_ptr, k_ptr, b, rows, keys, N, DK, BLOCK_DK)
+        p = _probabilities(s, lse[:, None], (keys < N)[None, :], SPLIT_LSE)
         dp = _sum_over_dv(dout_ptr, v_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION,
-                          tl.zeros([BLOCK_M, BLOCK_N], q.dtype))
+                          tl.zeros([BLOCK_M, BLOCK_N], dtype))
         weight += tl.sum(p, 1)
         pdp += tl.sum(p * dp, 1)
     tl.store(d_ptr + b.to(tl.int64) * N + rows, pdp / tl.where(weight > 0, weight, 1.0), mask=rows < N)
@@ -176,16 +189,17 @@ def _backward_queries_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d_ptr, dq_p
     """Grid (query blocks, B): dq_i = sum_j P_ij (dP_ij - D_i) k_j."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     b = tl.program_id(1)
-    q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
+    dtype = q_ptr.dtype.element_ty
     lse = _load_row(lse_ptr, b, rows, N)
     d = _load_row(d_ptr, b, rows, N)
-    dq = tl.zeros([BLOCK_M, BLOCK_DK], q.dtype)
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
-        p = _probabilities(_mm_ieee(q, tl.trans(k)), lse[:, None], (keys < N)[None, :], SPLIT_LSE)
+        s = _energies(q_ptr, k_ptr, b, rows, keys, N, DK, BLOCK_DK)
+        p = _probabilities(s, lse[:, None], (keys < N)[None, :], SPLIT_LSE)
         dp = _sum_over_dv(dout_ptr, v_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION,
-                          tl.zeros([BLOCK_M, BLOCK_N], q.dtype))
+                          tl.zeros([BLOCK_M, BLOCK_N], dtype))
         dq += _mm(p * (dp - d[:, None]), k, PRECISION)
     _store(dq_ptr, dq, b, rows, N, 0, DK, BLOCK_DK)
 
@@ -200,25 +214,26 @@ def _backward_keys_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d_ptr, dk_ptr,
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     part = tl.program_id(1)
     b = tl.program_id(2)
-    k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
+    dtype = k_ptr.dtype.element_ty
     if part == 0:
-        dk = tl.zeros([BLOCK_N, BLOCK_DK], k.dtype)
+        dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype)
         for start in range(0, N, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
-            pt = _probabilities(_mm_ieee(k, tl.trans(q)), _load_row(lse_ptr, b, rows, N)[None, :],
+            st = _energies(k_ptr, q_ptr, b, keys, rows, N, DK, BLOCK_DK)
+            pt = _probabilities(st, _load_row(lse_ptr, b, rows, N)[None, :],
                                 (rows < N)[None, :], SPLIT_LSE)
             dpt = _sum_over_dv(v_ptr, dout_ptr, b, keys, rows, N, DV, DV_CHUNK, PRECISION,
-                               tl.zeros([BLOCK_N, BLOCK_M], k.dtype))
+                               tl.zeros([BLOCK_N, BLOCK_M], dtype))
             dk += _mm(pt * (dpt - _load_row(d_ptr, b, rows, N)[None, :]), q, PRECISION)
         _store(dk_ptr, dk, b, keys, N, 0, DK, BLOCK_DK)
     else:
         col0 = (part - 1) * SLICE_DV
-        dv = tl.zeros([BLOCK_N, SLICE_DV], k.dtype)
+        dv = tl.zeros([BLOCK_N, SLICE_DV], dtype)
         for start in range(0, N, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
-            pt = _probabilities(_mm_ieee(k, tl.trans(q)), _load_row(lse_ptr, b, rows, N)[None, :],
+            st = _energies(k_ptr, q_ptr, b, keys, rows, N, DK, BLOCK_DK)
+            pt = _probabilities(st, _load_row(lse_ptr, b, rows, N)[None, :],
                                 (rows < N)[None, :], SPLIT_LSE)
             dv += _mm(pt, _load(dout_ptr, b, rows, N, col0, DV, SLICE_DV), PRECISION)
         _store(dv_ptr, dv, b, keys, N, col0, DV, SLICE_DV)
@@ -227,15 +242,15 @@ def _backward_keys_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, d_ptr, dk_ptr,
 # --- double backward ------------------------------------------------------------------------------
 
 @triton.jit
-def _cotangent_energy(x, y, gx_ptr, gy_ptr, b, x_rows, y_rows, N, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
+def _cotangent_energy(x_ptr, y_ptr, gx_ptr, gy_ptr, b, x_rows, y_rows, N, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
                       HAS_GX: tl.constexpr, HAS_GY: tl.constexpr):
-    """A tile = gx y^T + x gy^T for rows x_rows (x: their q or k tile) and y_rows (y); 0 without cotangents.
-    With (x, y) = (q, k) it is A; with (k, q) and (gk, gq) it is A^T."""
-    a = tl.zeros([x.shape[0], y.shape[0]], x.dtype)
+    """A tile = gx y^T + x gy^T for rows x_rows of x and y_rows of y; 0 without cotangents. With
+    (x, y) = (q, k) it is A; with (k, q) and (gk, gq) it is A^T (the same sum of the same two products)."""
+    a = tl.zeros([x_rows.shape[0], y_rows.shape[0]], x_ptr.dtype.element_ty)
     if HAS_GX:
-        a += _mm_ieee(_load(gx_ptr, b, x_rows, N, 0, DK, BLOCK_DK), tl.trans(y))
+        a += _energies(gx_ptr, y_ptr, b, x_rows, y_rows, N, DK, BLOCK_DK)
     if HAS_GY:
-        a += _mm_ieee(x, tl.trans(_load(gy_ptr, b, y_rows, N, 0, DK, BLOCK_DK)))
+        a += _energies(x_ptr, gy_ptr, b, x_rows, y_rows, N, DK, BLOCK_DK)
     return a
 
 
@@ -251,23 +266,23 @@ def _double_backward_rows_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_ptr,
     comes from C_i - D_i Abar_i."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     b = tl.program_id(1)
-    q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
+    dtype = q_ptr.dtype.element_ty
     lse = _load_row(lse_ptr, b, rows, N)
-    weight = tl.zeros([BLOCK_M], q.dtype)
-    d = tl.zeros([BLOCK_M], q.dtype)
-    abar = tl.zeros([BLOCK_M], q.dtype)
-    cov = tl.zeros([BLOCK_M], q.dtype)
-    bbar = tl.zeros([BLOCK_M], q.dtype)
+    weight = tl.zeros([BLOCK_M], dtype)
+    d = tl.zeros([BLOCK_M], dtype)
+    abar = tl.zeros([BLOCK_M], dtype)
+    cov = tl.zeros([BLOCK_M], dtype)
+    bbar = tl.zeros([BLOCK_M], dtype)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
-        p = _probabilities(_mm_ieee(q, tl.trans(k)), lse[:, None], (keys < N)[None, :], SPLIT_LSE)
+        s = _energies(q_ptr, k_ptr, b, rows, keys, N, DK, BLOCK_DK)
+        p = _probabilities(s, lse[:, None], (keys < N)[None, :], SPLIT_LSE)
         w = tl.sum(p, 1)
         w_safe = tl.where(w > 0, w, 1.0)
         if HAS_A:
             dp = _sum_over_dv(dout_ptr, v_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION,
-                              tl.zeros([BLOCK_M, BLOCK_N], q.dtype))
-            a = _cotangent_energy(q, k, gq_ptr, gk_ptr, b, rows, keys, N, DK, BLOCK_DK, HAS_GQ, HAS_GK)
+                              tl.zeros([BLOCK_M, BLOCK_N], dtype))
+            a = _cotangent_energy(q_ptr, k_ptr, gq_ptr, gk_ptr, b, rows, keys, N, DK, BLOCK_DK, HAS_GQ, HAS_GK)
             d_tile = tl.sum(p * dp, 1) / w_safe
             a_tile = tl.sum(p * a, 1) / w_safe
             cov_tile = tl.sum(p * (dp - d_tile[:, None]) * (a - a_tile[:, None]), 1)
@@ -280,7 +295,7 @@ def _double_backward_rows_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_ptr,
             cov += cov_tile + d_step * a_step * weight * share
         if HAS_GV:
             bt = _sum_over_dv(dout_ptr, gv_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION,
-                              tl.zeros([BLOCK_M, BLOCK_N], q.dtype))
+                              tl.zeros([BLOCK_M, BLOCK_N], dtype))
             bbar += tl.sum(p * bt, 1)
         weight += w
     weight = tl.where(weight > 0, weight, 1.0)
@@ -316,7 +331,7 @@ def _double_backward_queries_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_p
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     part = tl.program_id(1)
     b = tl.program_id(2)
-    q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
+    dtype = q_ptr.dtype.element_ty
     lse = _load_row(lse_ptr, b, rows, N)[:, None]
     row = b.to(tl.int64) * N + rows
     valid = rows < N
@@ -325,17 +340,18 @@ def _double_backward_queries_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_p
     cov = tl.load(stats_ptr + 2 * B * N + row, mask=valid, other=0.0)[:, None]
     bbar = tl.load(stats_ptr + 3 * B * N + row, mask=valid, other=0.0)[:, None]
     if part == 0:
-        grad_q = tl.zeros([BLOCK_M, BLOCK_DK], q.dtype)
+        grad_q = tl.zeros([BLOCK_M, BLOCK_DK], dtype)
         for start in range(0, N, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
-            p = _probabilities(_mm_ieee(q, tl.trans(k)), lse, (keys < N)[None, :], SPLIT_LSE)
-            dp = tl.zeros([BLOCK_M, BLOCK_N], q.dtype)
-            a = tl.zeros([BLOCK_M, BLOCK_N], q.dtype)
-            bt = tl.zeros([BLOCK_M, BLOCK_N], q.dtype)
+            s = _energies(q_ptr, k_ptr, b, rows, keys, N, DK, BLOCK_DK)
+            p = _probabilities(s, lse, (keys < N)[None, :], SPLIT_LSE)
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype)
+            a = tl.zeros([BLOCK_M, BLOCK_N], dtype)
+            bt = tl.zeros([BLOCK_M, BLOCK_N], dtype)
             if HAS_A:
                 dp = _sum_over_dv(dout_ptr, v_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION, dp)
-                a = _cotangent_energy(q, k, gq_ptr, gk_ptr, b, rows, keys, N, DK, BLOCK_DK, HAS_GQ, HAS_GK)
+                a = _cotangent_energy(q_ptr, k_ptr, gq_ptr, gk_ptr, b, rows, keys, N, DK, BLOCK_DK, HAS_GQ, HAS_GK)
             if HAS_GV:
                 bt = _sum_over_dv(dout_ptr, gv_ptr, b, rows, keys, N, DV, DV_CHUNK, PRECISION, bt)
             ds2 = _second_order_scores(p, dp, a, bt, d, abar, cov, bbar, HAS_A, HAS_GV)
@@ -345,13 +361,13 @@ def _double_backward_queries_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_p
         _store(grad_q_ptr, grad_q, b, rows, N, 0, DK, BLOCK_DK)
     else:
         col0 = (part - 1) * SLICE_DV
-        grad_dout = tl.zeros([BLOCK_M, SLICE_DV], q.dtype)
+        grad_dout = tl.zeros([BLOCK_M, SLICE_DV], dtype)
         for start in range(0, N, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
-            p = _probabilities(_mm_ieee(q, tl.trans(k)), lse, (keys < N)[None, :], SPLIT_LSE)
+            s = _energies(q_ptr, k_ptr, b, rows, keys, N, DK, BLOCK_DK)
+            p = _probabilities(s, lse, (keys < N)[None, :], SPLIT_LSE)
             if HAS_A:
-                a = _cotangent_energy(q, k, gq_ptr, gk_ptr, b, rows, keys, N, DK, BLOCK_DK, HAS_GQ, HAS_GK)
+                a = _cotangent_energy(q_ptr, k_ptr, gq_ptr, gk_ptr, b, rows, keys, N, DK, BLOCK_DK, HAS_GQ, HAS_GK)
                 grad_dout += _mm(p * (a - abar), _load(v_ptr, b, keys, N, col0, DV, SLICE_DV), PRECISION)
             if HAS_GV:
                 grad_dout += _mm(p, _load(gv_ptr, b, keys, N, col0, DV, SLICE_DV), PRECISION)
@@ -371,26 +387,27 @@ def _double_backward_keys_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_ptr,
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     part = tl.program_id(1)
     b = tl.program_id(2)
-    k = _load(k_ptr, b, keys, N, 0, DK, BLOCK_DK)
+    dtype = k_ptr.dtype.element_ty
     if part == 0:
-        grad_k = tl.zeros([BLOCK_N, BLOCK_DK], k.dtype)
+        grad_k = tl.zeros([BLOCK_N, BLOCK_DK], dtype)
         for start in range(0, N, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row = b.to(tl.int64) * N + rows
             valid = rows < N
             q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
-            pt = _probabilities(_mm_ieee(k, tl.trans(q)), _load_row(lse_ptr, b, rows, N)[None, :],
+            st = _energies(k_ptr, q_ptr, b, keys, rows, N, DK, BLOCK_DK)
+            pt = _probabilities(st, _load_row(lse_ptr, b, rows, N)[None, :],
                                 valid[None, :], SPLIT_LSE)
             d = tl.load(stats_ptr + row, mask=valid, other=0.0)[None, :]
             abar = tl.load(stats_ptr + B * N + row, mask=valid, other=0.0)[None, :]
             cov = tl.load(stats_ptr + 2 * B * N + row, mask=valid, other=0.0)[None, :]
             bbar = tl.load(stats_ptr + 3 * B * N + row, mask=valid, other=0.0)[None, :]
-            dpt = tl.zeros([BLOCK_N, BLOCK_M], k.dtype)
-            at = tl.zeros([BLOCK_N, BLOCK_M], k.dtype)
-            bt = tl.zeros([BLOCK_N, BLOCK_M], k.dtype)
+            dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype)
+            at = tl.zeros([BLOCK_N, BLOCK_M], dtype)
+            bt = tl.zeros([BLOCK_N, BLOCK_M], dtype)
             if HAS_A:
                 dpt = _sum_over_dv(v_ptr, dout_ptr, b, keys, rows, N, DV, DV_CHUNK, PRECISION, dpt)
-                at = _cotangent_energy(k, q, gk_ptr, gq_ptr, b, keys, rows, N, DK, BLOCK_DK, HAS_GK, HAS_GQ)
+                at = _cotangent_energy(k_ptr, q_ptr, gk_ptr, gq_ptr, b, keys, rows, N, DK, BLOCK_DK, HAS_GK, HAS_GQ)
             if HAS_GV:
                 bt = _sum_over_dv(gv_ptr, dout_ptr, b, keys, rows, N, DV, DV_CHUNK, PRECISION, bt)
             ds2t = _second_order_scores(pt, dpt, at, bt, d, abar, cov, bbar, HAS_A, HAS_GV)
@@ -400,32 +417,33 @@ def _double_backward_keys_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_ptr,
         _store(grad_k_ptr, grad_k, b, keys, N, 0, DK, BLOCK_DK)
     else:
         col0 = (part - 1) * SLICE_DV
-        grad_v = tl.zeros([BLOCK_N, SLICE_DV], k.dtype)
+        grad_v = tl.zeros([BLOCK_N, SLICE_DV], dtype)
         for start in range(0, N, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             valid = rows < N
-            q = _load(q_ptr, b, rows, N, 0, DK, BLOCK_DK)
-            pt = _probabilities(_mm_ieee(k, tl.trans(q)), _load_row(lse_ptr, b, rows, N)[None, :],
+            st = _energies(k_ptr, q_ptr, b, keys, rows, N, DK, BLOCK_DK)
+            pt = _probabilities(st, _load_row(lse_ptr, b, rows, N)[None, :],
                                 valid[None, :], SPLIT_LSE)
             abar = tl.load(stats_ptr + B * N + b.to(tl.int64) * N + rows, mask=valid, other=0.0)[None, :]
-            at = _cotangent_energy(k, q, gk_ptr, gq_ptr, b, keys, rows, N, DK, BLOCK_DK, HAS_GK, HAS_GQ)
+            at = _cotangent_energy(k_ptr, q_ptr, gk_ptr, gq_ptr, b, keys, rows, N, DK, BLOCK_DK, HAS_GK, HAS_GQ)
             grad_v += _mm(pt * (at - abar), _load(dout_ptr, b, rows, N, col0, DV, SLICE_DV), PRECISION)
         _store(grad_v_ptr, grad_v, b, keys, N, col0, DV, SLICE_DV)
 
 
 # --- launchers ------------------------------------------------------------------------------------
 
-def _config(x: torch.Tensor, d_k: int, d_v: int, keys_outer: bool = False) -> dict:
-    """Tile sizes and dot precision for the accumulation dtype. tl.dot needs every dimension >= 16.
-    float32: the walked side is 32 wide and the owned side 64 (a wgmma is 64 rows), 4 warps, Dv in
-    chunks of 32: of the shapes compiled for sm_90a (scripts/aot_check.py) the one with the fewest
-    spills. The forward keeps 64 x 64 tiles on 8 warps (no spills at Dk = 32)."""
+def _config(x: torch.Tensor, d_k: int, d_v: int, keys_outer: bool = False, double_backward: bool = False) -> dict:
+    """Tile sizes, warps and dot precision for the accumulation dtype. tl.dot needs every dimension >= 16.
+    float32: the walked side is 32 wide and the owned side 64 (a wgmma is 64 rows), Dv in chunks of 32;
+    4 warps, or 8 for the double backward and for Dk > 32, where 4 spill: of the shapes compiled for
+    sm_90a (scripts/aot_check.py, bench/results/aot/) those with the fewest spills."""
     fp64 = x.dtype == torch.float64
     owned, walked = (32, 32) if fp64 else (64, 32)
     rows, keys = (walked, owned) if keys_outer else (owned, walked)
+    wide = not fp64 and (double_backward or d_k > 32)
     return dict(BLOCK_M=rows, BLOCK_N=keys, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
                 DV_CHUNK=min(max(16, triton.next_power_of_2(d_v)), 32),
-                PRECISION="ieee" if fp64 else FP32_DOT_PRECISION, num_warps=4)
+                PRECISION="ieee" if fp64 else FP32_DOT_PRECISION, num_warps=8 if wide else 4)
 
 
 def _forward_config(x: torch.Tensor, d_k: int, d_v: int) -> dict:
@@ -500,7 +518,8 @@ def double_backward(q, k, v, lse, dout, gq, gk, gv):
     if not any(has.values()):
         return grad_q, grad_k, grad_v, grad_dout
     cotangents = [q if g is None else g for g in (gq, gk, gv)]  # a pointer the kernel never reads
-    rows, keys = _config(q, d_k, d_v), _config(q, d_k, d_v, keys_outer=True)
+    rows = _config(q, d_k, d_v, double_backward=True)
+    keys = _config(q, d_k, d_v, keys_outer=True, double_backward=True)
     split = q.dtype != torch.float64
     stats = q.new_empty((4, b, n))
     row_blocks, key_blocks = triton.cdiv(n, rows["BLOCK_M"]), triton.cdiv(n, keys["BLOCK_N"])
