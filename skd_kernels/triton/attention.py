@@ -434,11 +434,12 @@ def _double_backward_keys_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, dout_ptr, gq_ptr,
 
 def _config(x: torch.Tensor, d_k: int, d_v: int, keys_outer: bool = False, double_backward: bool = False) -> dict:
     """Tile sizes, warps and dot precision for the accumulation dtype. tl.dot needs every dimension >= 16.
-    float32: the walked side is 32 wide and the owned side 64 (a wgmma is 64 rows), Dv in chunks of 32;
-    4 warps, or 8 for the double backward and for Dk > 32, where 4 spill: of the shapes compiled for
-    sm_90a (scripts/aot_check.py, bench/results/aot/) those with the fewest spills."""
+    float32: the owned side is 64 (a wgmma is 64 rows), the walked side 32 (16 in the double backward,
+    which keeps more tiles live per step), Dv in chunks of 32; 4 warps, or 8 for the double backward
+    and for Dk > 32, where 4 spill: of the shapes compiled for sm_90a (scripts/aot_check.py,
+    bench/results/aot/) those with the fewest spills."""
     fp64 = x.dtype == torch.float64
-    owned, walked = (32, 32) if fp64 else (64, 32)
+    owned, walked = (32, 32) if fp64 else (64, 16 if double_backward else 32)
     rows, keys = (walked, owned) if keys_outer else (owned, walked)
     wide = not fp64 and (double_backward or d_k > 32)
     return dict(BLOCK_M=rows, BLOCK_N=keys, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
